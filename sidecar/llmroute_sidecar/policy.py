@@ -1,0 +1,440 @@
+"""The LLMRoutePolicy model: one parser for the Kubernetes manifest and the sidecar's config file.
+
+The same YAML runs the sidecar standalone and, rendered by the operator into a ConfigMap, in a cluster.
+Parsing happens once per load (never per request). Every error names the field path the user wrote
+(`spec.routes[0].targets[1].provider: unknown provider "gtp"`); problems that are legal but risky come
+back as warnings, which the operator turns into status conditions.
+
+Field names are the contract's camelCase; Python attributes are snake_case (pydantic aliases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+from .durations import DURATION_PATTERN, format_duration, parse_duration
+
+API_VERSION = "llmroute.dev/v1alpha1"
+KIND = "LLMRoutePolicy"
+SANE_BUDGET = (4.0, 12.0)
+
+
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_to_seconds),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+    Field(ge=0),
+]
+"""A Go-style duration string (`250ms`, `8s`, `1m`), held as float seconds."""
+
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")]
+ProviderType = Literal["anthropic", "openai", "gemini"]
+Strategy = Literal["retryAndShed", "failover", "hotHot", "quorum"]
+RetryCondition = Annotated[int | Literal["timeout", "connection"], Field(union_mode="left_to_right")]
+
+DEFAULT_BASE_URLS: dict[str, str] = {
+    "anthropic": "https://api.anthropic.com",
+    "openai": "https://api.openai.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+
+
+class Model(BaseModel):
+    """Strict camelCase model: unknown fields are errors (a typo must not silently do nothing)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class SecretKeyRef(Model):
+    """A key of a Kubernetes Secret in the policy's namespace."""
+
+    name: Name
+    key: str = Field(min_length=1)
+
+
+class ApiKey(Model):
+    """Where the provider's API key comes from; never the key itself."""
+
+    secret_key_ref: SecretKeyRef | None = None
+    """In a cluster: the Secret holding the key (the webhook gives it to the sidecar container only)."""
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Standalone (and as rendered by the operator): the environment variable holding the key."""
+
+
+class StatusPage(Model):
+    """A provider's public status page, read to shed traffic before retries are burnt. Fail-open."""
+
+    type: Literal["statuspage", "google-cloud"] = "statuspage"
+    """`statuspage`: Atlassian summary.json (also incident.io's compatible one); `google-cloud`: incidents.json."""
+    url: str = Field(min_length=1)
+    components: list[str] = Field(default_factory=list, max_length=32)
+    """Component ids or names to watch (google-cloud: product names); empty: the page indicator."""
+    poll_interval: Duration = 30.0
+    shed_on: list[str] = Field(default_factory=lambda: ["major_outage"], max_length=16)
+    """Statuses that shed all traffic (page indicators: `major`, `critical`)."""
+    partial_shed: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    """Statuses that shed a share of traffic, e.g. `{partial_outage: 0.5}`."""
+    confirm_after: int = Field(default=2, ge=1, le=20)
+    """Consecutive polls showing a shedding state before traffic is shed (hysteresis)."""
+    recover_after: int = Field(default=2, ge=1, le=20)
+    """Consecutive polls showing recovery before traffic returns."""
+
+
+class Provider(Model):
+    """An LLM API account: its type, endpoint, key and optional status page."""
+
+    name: Name
+    type: ProviderType
+    base_url: str | None = Field(default=None, alias="baseURL")
+    """As the provider's official SDK takes it; default per type."""
+    api_key: ApiKey | None = None
+    status_page: StatusPage | None = None
+
+    @property
+    def effective_base_url(self) -> str:
+        return (self.base_url or DEFAULT_BASE_URLS[self.type]).rstrip("/")
+
+
+class Prompt(Model):
+    """A prompt maintained for one target's model (prompts are not interchangeable between models)."""
+
+    system: str | None = None
+    template: str | None = None
+    """Jinja template of the user message; variables come from the request (strict, sandboxed)."""
+
+
+class Validate(Model):
+    """A target's own quality bar: a failed check is a failed attempt, and the next target is tried."""
+
+    json_schema: dict[str, Any] | None = None
+    """The answer must be JSON valid against this schema."""
+    min_chars: int | None = Field(default=None, ge=0)
+    max_chars: int | None = Field(default=None, ge=1)
+
+
+class Target(Model):
+    """One way of answering a route: a provider, a model and the prompt maintained for it."""
+
+    name: Name
+    provider: Name
+    model: str | None = None
+    """The model sent upstream; unset on compatible endpoints: the app's own model passes through."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Generation parameters: max_tokens, temperature, top_p, stop."""
+    prompt: Prompt | None = None
+    degraded: bool = False
+    """Answers from this target are marked degraded (header, field and notice)."""
+    validate_: Validate | None = Field(default=None, alias="validate")
+
+
+class Backoff(Model):
+    """Exponential backoff between attempts on the same target."""
+
+    initial: Duration = 0.25
+    max: Duration = 2.0
+    multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    jitter: Literal["full", "equal", "none"] = "full"
+
+
+class Quorum(Model):
+    """Parallel calls to several targets for a small share of high-value requests.
+
+    `sample` and `whenHeader` select the requests; `hedgeAfter` turns the block into hedging: the next
+    target starts only when the previous one has not produced its first byte by then.
+    """
+
+    sample: float = Field(default=0.0, ge=0, le=1)
+    when_header: dict[str, str] = Field(default_factory=dict)
+    targets: list[Name] = Field(default_factory=list)
+    """Targets called in parallel (default: all of the route's targets)."""
+    pick: Literal["first", "best"] = "first"
+    """`first`: first valid answer wins, losers cancelled; `best`: within `grace`, by target order."""
+    grace: Duration = 0.5
+    hedge_after: Duration | None = None
+
+
+class Route(Model):
+    """One feature of the app: an ordered list of targets (primary first) and how to use them."""
+
+    name: Name
+    strategy: Strategy = "retryAndShed"
+    budget: Duration = 8.0
+    """How long the primary may be retried before shedding to the fallback."""
+    deadline: Duration | None = None
+    """Overall: no attempt on any target starts after it (default: 2 x budget). Capped by client hints."""
+    backoff: Backoff = Field(default_factory=Backoff)
+    retry_on: list[RetryCondition] = Field(
+        default_factory=lambda: [429, 500, 502, 503, 504, 529, "timeout", "connection"]
+    )
+    attempt_timeout: Duration = 30.0
+    """Per upstream attempt: until the response headers (streams: the first content event)."""
+    fallback_retries: int = Field(default=1, ge=0, le=5)
+    """Extra attempts each fallback target gets, within what remains of the deadline."""
+    targets: list[Target] = Field(min_length=1, max_length=16)
+    degraded_notice: str | None = None
+    quorum: Quorum | None = None
+    resume_streams: bool = True
+    acknowledge_output_variance: bool = False
+
+    @property
+    def overall_deadline(self) -> float:
+        return self.deadline if self.deadline is not None else 2 * self.budget
+
+
+class RetryBudget(Model):
+    """Per provider, Linkerd-style: retries may add `ratio` to the load, plus `minPerSecond`."""
+
+    ratio: float = Field(default=0.2, ge=0, le=10)
+    min_per_second: float = Field(default=10.0, ge=0)
+    window: Duration = 10.0
+
+
+class CircuitBreaker(Model):
+    """Per target: failing with no success for longer than `openAfter` is an outage, not a microspike."""
+
+    open_after: Duration | None = None
+    """Default: the route's budget."""
+    min_failures: int = Field(default=3, ge=1)
+    probe_interval: Duration = 1.0
+
+
+class Price(Model):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class Telemetry(Model):
+    """What the sidecar may record about requests."""
+
+    record_content: bool = False
+    """Opt in to prompts and completions in logs and spans (off: never)."""
+
+
+class PolicySpec(Model):
+    """The spec of an LLMRoutePolicy."""
+
+    providers: list[Provider] = Field(min_length=1, max_length=32)
+    default_route: Name | None = None
+    routes: list[Route] = Field(min_length=1, max_length=128)
+    retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    pricing: dict[str, Price] = Field(default_factory=dict)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
+
+    def provider(self, name: str) -> Provider:
+        return next(p for p in self.providers if p.name == name)
+
+    def route(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; `problems` are `path: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy with its identity: what a sidecar runs and the operator reports."""
+
+    name: str
+    namespace: str | None
+    generation: int | None
+    spec: PolicySpec
+    config_hash: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_document(self) -> dict[str, Any]:
+        """The manifest form, with defaults filled in (what the operator writes as policy.json)."""
+        metadata: dict[str, Any] = {"name": self.name}
+        if self.namespace:
+            metadata["namespace"] = self.namespace
+        if self.generation is not None:
+            metadata["generation"] = self.generation
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": metadata,
+            "spec": dump_spec(self.spec),
+        }
+
+
+def key_env_var(provider_name: str) -> str:
+    """The sidecar environment variable that carries a provider's key in a cluster."""
+    return "LLMROUTE_KEY_" + re.sub(r"[^A-Z0-9]", "_", provider_name.upper())
+
+
+def render_sidecar_config(policy: LoadedPolicy) -> dict[str, Any]:
+    """The config file the operator writes for sidecars: Secret references become env var names.
+
+    The webhook gives the sidecar container those variables from the Secrets (`secretKeyRef`), so the
+    rendered config holds no secret material and no Secret names are needed by the sidecar.
+    """
+    document = policy.to_document()
+    for provider in document["spec"]["providers"]:
+        key = provider.get("apiKey")
+        if key and "secretKeyRef" in key:
+            provider["apiKey"] = {"env": key_env_var(provider["name"])}
+    return document
+
+
+def dump_spec(spec: PolicySpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def config_hash(spec: PolicySpec) -> str:
+    """A short, stable digest of the effective spec (same policy -> same hash, whatever the spelling)."""
+    canonical = orjson.dumps(dump_spec(spec), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _format_loc(prefix: str, loc: tuple[int | str, ...]) -> str:
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("int", "literal['timeout','connection']", "function-before[_to_seconds(), float]"):
+            continue  # union-branch names pydantic puts in locations; not part of the user's path
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
+    """Cross-field checks pydantic cannot express field by field: (errors, warnings)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    def unique(items: list[str], path: str, what: str) -> None:
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            if item in seen:
+                errors.append(f'{path}[{index}].name: duplicate {what} name "{item}"')
+            seen.add(item)
+
+    providers = {p.name: p for p in spec.providers}
+    unique([p.name for p in spec.providers], "spec.providers", "provider")
+    unique([r.name for r in spec.routes], "spec.routes", "route")
+    for p_index, provider in enumerate(spec.providers):
+        key = provider.api_key
+        if key is not None and (key.env is None) == (key.secret_key_ref is None):
+            errors.append(f"spec.providers[{p_index}].apiKey: set exactly one of env, secretKeyRef")
+    if spec.default_route is not None and spec.route(spec.default_route) is None:
+        errors.append(f'spec.defaultRoute: unknown route "{spec.default_route}"')
+    for r_index, route in enumerate(spec.routes):
+        path = f"spec.routes[{r_index}]"
+        unique([t.name for t in route.targets], f"{path}.targets", "target")
+        for t_index, target in enumerate(route.targets):
+            if target.provider not in providers:
+                errors.append(f'{path}.targets[{t_index}].provider: unknown provider "{target.provider}"')
+            check = target.validate_
+            if check and check.min_chars and check.max_chars and check.min_chars > check.max_chars:
+                errors.append(f"{path}.targets[{t_index}].validate: minChars is larger than maxChars")
+        if route.budget <= 0:
+            errors.append(f"{path}.budget: must be greater than 0")
+        elif not SANE_BUDGET[0] <= route.budget <= SANE_BUDGET[1]:
+            warnings.append(
+                f"{path}.budget: {format_duration(route.budget)} is outside the sane range 4s..12s"
+            )
+        if route.deadline is not None and route.deadline < route.budget:
+            errors.append(f"{path}.deadline: must not be shorter than the budget")
+        if route.backoff.initial > route.backoff.max:
+            errors.append(f"{path}.backoff.initial: larger than backoff.max")
+        if route.strategy == "hotHot":
+            if not route.acknowledge_output_variance:
+                errors.append(
+                    f"{path}.strategy: hotHot spreads traffic across models whose prompts and outputs "
+                    "differ; set acknowledgeOutputVariance: true to accept that"
+                )
+            else:
+                warnings.append(f"{path}.strategy: hotHot routing; outputs will vary between targets")
+        if route.strategy in ("failover", "retryAndShed") and len(route.targets) == 1:
+            warnings.append(f"{path}.targets: a single target has nothing to shed to")
+        if route.quorum is not None:
+            names = {t.name for t in route.targets}
+            for q_index, name in enumerate(route.quorum.targets):
+                if name not in names:
+                    errors.append(f'{path}.quorum.targets[{q_index}]: unknown target "{name}"')
+    return errors, warnings
+
+
+def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
+    """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError."""
+    if not isinstance(document, Mapping):
+        raise PolicyError(["policy: expected a mapping (an LLMRoutePolicy manifest)"])
+    if "spec" in document:
+        prefix = "spec"
+        raw_spec = document["spec"]
+        metadata = document.get("metadata") or {}
+        problems = []
+        if document.get("apiVersion") not in (None, API_VERSION):
+            problems.append(f'apiVersion: expected "{API_VERSION}", got "{document.get("apiVersion")}"')
+        if document.get("kind") not in (None, KIND):
+            problems.append(f'kind: expected "{KIND}", got "{document.get("kind")}"')
+        if problems:
+            raise PolicyError(problems)
+    else:
+        prefix, raw_spec, metadata = "spec", document, {}
+    if not isinstance(metadata, Mapping):
+        raise PolicyError(["metadata: expected a mapping"])
+    try:
+        spec = PolicySpec.model_validate(raw_spec)
+    except ValidationError as exc:
+        raise PolicyError(
+            [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+        ) from None
+    errors, warnings = _semantic_problems(spec)
+    if errors:
+        raise PolicyError(errors)
+    generation = metadata.get("generation")
+    return LoadedPolicy(
+        name=str(metadata.get("name") or "standalone"),
+        namespace=metadata.get("namespace"),
+        generation=generation if isinstance(generation, int) else None,
+        spec=spec,
+        config_hash=config_hash(spec),
+        warnings=warnings,
+    )
+
+
+def parse_policy_text(text: str | bytes) -> LoadedPolicy:
+    """Parse YAML or JSON text (a policy file) into a validated policy."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"policy: not valid YAML/JSON: {exc}"]) from None
+    if document is None:
+        raise PolicyError(["policy: the file is empty"])
+    return load_policy(document)

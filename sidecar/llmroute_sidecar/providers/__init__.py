@@ -1,0 +1,30 @@
+"""Provider adapters: one module per vendor's wire format; the engine only sees `Adapter`.
+
+`adapter_for` builds the adapter of a provider type; `app_codec` the app-facing codec of a dialect
+(for the compatible endpoints).
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from ..policy import Provider
+from .anthropic import AnthropicAdapter, AnthropicAppCodec
+from .base import Adapter, AppCodec
+from .gemini import GeminiAdapter
+from .openai import OpenAIAdapter, OpenAIAppCodec
+
+_ADAPTERS: dict[str, type[Adapter]] = {
+    "anthropic": AnthropicAdapter,
+    "openai": OpenAIAdapter,
+    "gemini": GeminiAdapter,
+}
+_APP_CODECS: dict[str, AppCodec] = {"anthropic": AnthropicAppCodec(), "openai": OpenAIAppCodec()}
+
+
+def adapter_for(provider: Provider, session: aiohttp.ClientSession, api_key: str | None) -> Adapter:
+    return _ADAPTERS[provider.type](provider, session, api_key)
+
+
+def app_codec(dialect: str) -> AppCodec:
+    return _APP_CODECS[dialect]

@@ -1,0 +1,126 @@
+"""`llmroute`: the one command line for the sidecar, the operator and the tools around them.
+
+    llmroute sidecar --policy FILE      run the sidecar (listen: LLMROUTE_LISTEN, default 127.0.0.1:8787)
+    llmroute validate FILE              check a policy; exit 1 with `path: message` lines when broken
+    llmroute render FILE                the sidecar config the operator would write (policy.json)
+    llmroute operator                   the kopf operator (reconciles policies into sidecar config)
+    llmroute webhook                    the injection webhook and status relay
+    llmroute demo / simulate            fake providers, real sidecar: see failover work
+
+This module is the composition root: it is the only place that reaches into both components, and it
+imports each lazily so `llmroute sidecar` never loads kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+
+DEFAULT_LISTEN = "127.0.0.1:8787"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmroute", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    sidecar = commands.add_parser("sidecar", help="run the sidecar")
+    sidecar.add_argument("--policy", required=True, type=Path, help="policy file (YAML or JSON), watched")
+    sidecar.add_argument("--listen", default=os.environ.get("LLMROUTE_LISTEN", DEFAULT_LISTEN))
+    sidecar.add_argument("--drain-timeout", type=float, default=25.0, help="seconds to finish in-flight work")
+    validate = commands.add_parser("validate", help="validate a policy file")
+    validate.add_argument("file", type=Path)
+    render = commands.add_parser("render", help="print the sidecar config the operator would write")
+    render.add_argument("file", type=Path)
+    for name in ("operator", "webhook", "demo", "simulate"):
+        commands.add_parser(name, help=f"run `{name}`", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=os.environ.get("LLMROUTE_LOG_LEVEL", "INFO"), format="%(message)s")
+
+    if args.command == "sidecar":
+        return run_sidecar(args.policy, args.listen, args.drain_timeout)
+    if args.command in ("validate", "render"):
+        return _validate_or_render(args.file, render=args.command == "render")
+    if args.command == "operator":
+        from llmroute_operator.handlers import run_operator
+
+        return run_operator(rest)
+    if args.command == "webhook":
+        from llmroute_operator.webhooks import run_webhook
+
+        return run_webhook(rest)
+    from .simulator import cli as simulator_cli
+
+    return simulator_cli.main(args.command, rest)
+
+
+def _validate_or_render(path: Path, render: bool) -> int:
+    from .policy import PolicyError, parse_policy_text, render_sidecar_config
+
+    try:
+        policy = parse_policy_text(path.read_bytes())
+    except OSError as exc:
+        print(f"{path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    for warning in policy.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    if render:
+        sys.stdout.write(orjson.dumps(render_sidecar_config(policy), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(f"{path}: policy {policy.name} is valid ({len(policy.spec.routes)} routes, hash {policy.config_hash})")
+    return 0
+
+
+def run_sidecar(policy: Path, listen: str, drain_timeout: float) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: fail readiness, finish in-flight requests, stop."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    host, _, port = listen.rpartition(":")
+    asyncio.run(serve(policy, host or "127.0.0.1", int(port), drain_timeout))
+    return 0
+
+
+async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> None:
+    from aiohttp import web
+
+    from .server import STATE, create_app
+    from .telemetry import tracer_provider_from_env
+
+    app = create_app(
+        policy_path=policy,
+        status_relay=os.environ.get("LLMROUTE_STATUS_RELAY") or None,
+        tracer_provider=tracer_provider_from_env(),
+    )
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
+    await site.start()
+    logging.getLogger("llmroute").info(
+        orjson.dumps({"event": "listening", "address": f"{host}:{port}", "policy": str(policy)}).decode()
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    app[STATE].draining = True
+    logging.getLogger("llmroute").info(orjson.dumps({"event": "draining"}).decode())
+    await runner.cleanup()  # stops accepting, waits for in-flight handlers up to drain_timeout
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Drop-in endpoints: apps keep their Anthropic or OpenAI SDK and point its base URL here.
+
+    ANTHROPIC_BASE_URL=http://127.0.0.1:8787/anthropic   -> POST /anthropic/v1/messages
+    OPENAI_BASE_URL=http://127.0.0.1:8787/openai/v1      -> POST /openai/v1/chat/completions
+
+The route is the `llmroute-route` header, else the route named like the request's `model`, else the
+policy's `defaultRoute`. A target of the app's own provider gets the body as sent (model swapped, key
+replaced); a target of another provider gets the conversation translated, with its own system prompt,
+and the answer is translated back. Whatever key the app sent is ignored and never forwarded.
+
+Errors keep the dialect's own envelope. When the sidecar gives up it says `x-should-retry: false`: it
+already retried, and the SDK's own retries would multiply the load (PROVIDERS.md 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import trace
+
+from .errors import ClientError, RequestError, StreamBroken, UpstreamError
+from .messages import StreamEnd
+from .providers import app_codec
+from .providers.base import AppCodec
+from .runtime import CompiledTarget
+from .server import (
+    STATE,
+    SidecarState,
+    answer_headers,
+    finish,
+    give_up_status,
+    json_response,
+    new_call,
+    read_json,
+    record_usage,
+    write_or_give_up,
+)
+from .strategies import Answer, Call, GaveUp
+from .streams import follow
+
+
+def add_compat_routes(app: web.Application) -> None:
+    app.router.add_post("/anthropic/v1/messages", anthropic_messages)
+    app.router.add_post("/openai/v1/chat/completions", openai_chat_completions)
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "anthropic")
+
+
+async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "openai")
+
+
+async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    codec = app_codec(dialect)
+    runtime = state.runtime
+    with state.telemetry.request_span(f"POST {request.path}", None) as span:
+        try:
+            if runtime is None:
+                raise RequestError(503, "no valid policy loaded", "api_error")
+            body = await read_json(request)
+            app_request = codec.decode_request(body)
+            model = body["model"]
+            route = (
+                runtime.route(request.headers.get("llmroute-route"))
+                or runtime.route(model)
+                or runtime.default_route
+            )
+            if route is None:
+                raise RequestError(404, f'no route for model "{model}" and no defaultRoute', "not_found_error")
+            stream = body.get("stream", False) is True
+        except RequestError as exc:
+            return _error(codec, exc.status, exc.error_type, exc.message, {})
+
+        def build(target: CompiledTarget) -> Any:
+            own = dataclasses.replace(app_request)
+            prompt = target.spec.prompt
+            if target.index > 0 and prompt is not None and prompt.system is not None:
+                own.system_override = prompt.system  # the fallback's separately maintained prompt
+            return target.apply_params(own)
+
+        call = new_call(route, request, build, stream, requested_model=model)
+        return await _answer(state, request, span, codec, call, model)
+
+
+async def _answer(
+    state: SidecarState, request: web.Request, span: trace.Span, codec: AppCodec, call: Call, model: str
+) -> web.StreamResponse:
+    started = time.monotonic()
+    answer: Answer | None = None
+    outcome = "client_cancelled"
+    try:
+        try:
+            answer = await state.engine.run(call)
+        except ClientError as exc:
+            outcome = "client_error"
+            return _upstream_error(codec, exc, exc.status or 400, answer_headers(call, None))
+        except GaveUp as exc:
+            outcome = "failed"
+            headers = answer_headers(call, None)
+            if exc.error is None:
+                return _error(codec, 503, "api_error", f"all targets failed: {exc}", headers)
+            return _upstream_error(codec, exc.error, give_up_status(exc.error), headers)
+        headers = answer_headers(call, answer)
+        if answer.response is not None:
+            outcome = "ok"
+            response = answer.response
+            record_usage(state, answer, response.model, response.usage)
+            native = response.native
+            if native is not None and native.dialect == codec.dialect:
+                body = native.body
+            else:
+                body = codec.encode_response(response, model)
+            return json_response(200, body, headers)
+        streamed, outcome = await _stream(state, request, codec, call, answer, headers, model)
+        return streamed
+    finally:
+        finish(state, span, call, answer, outcome, started)
+
+
+async def _stream(
+    state: SidecarState,
+    request: web.Request,
+    codec: AppCodec,
+    call: Call,
+    answer: Answer,
+    headers: dict[str, str],
+    model: str,
+) -> tuple[web.StreamResponse, str]:
+    assert answer.stream is not None
+    response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    encoder = codec.stream_encoder(model)
+    same_dialect = answer.target.provider.type == codec.dialect
+    spec = call.route.spec
+    try:
+        async for frame, resumed in follow(answer, spec.resume_streams, spec.attempt_timeout):
+            if same_dialect and not resumed:
+                data = encoder.relay(frame)
+            else:
+                data = b"".join(encoder.encode(event) for event in frame.events)
+            await write_or_give_up(response, data)
+            for event in frame.events:
+                if isinstance(event, StreamEnd):
+                    record_usage(state, answer, answer.stream.model, event.usage)
+    except StreamBroken as exc:
+        await write_or_give_up(response, encoder.error(exc.error_type, exc.message))
+        await response.write_eof()
+        return response, "stream_broken"
+    await response.write_eof()
+    return response, "ok"
+
+
+def _upstream_error(
+    codec: AppCodec, error: UpstreamError, status: int, headers: dict[str, str]
+) -> web.Response:
+    """The provider's own error body when it speaks the app's dialect; else the same facts, translated."""
+    if error.body and error.dialect == codec.dialect:
+        return web.Response(
+            status=status,
+            body=error.body,
+            content_type="application/json",
+            headers={**headers, "x-should-retry": "false", **_retry_after(error)},
+        )
+    return _error(codec, status, error.error_type, error.message, {**headers, **_retry_after(error)})
+
+
+def _error(codec: AppCodec, status: int, error_type: str, message: str, headers: dict[str, str]) -> web.Response:
+    return json_response(
+        status, codec.error_body(status, error_type, message), {**headers, "x-should-retry": "false"}
+    )
+
+
+def _retry_after(error: UpstreamError) -> dict[str, str]:
+    """Relayed as whole seconds (what every SDK parses)."""
+    if error.retry_after is None:
+        return {}
+    return {"retry-after": str(max(1, round(error.retry_after)))}

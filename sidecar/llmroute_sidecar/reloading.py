@@ -1,0 +1,89 @@
+"""Watching the policy file: apply valid changes, refuse broken ones, never crash-loop.
+
+In a cluster the file is a ConfigMap volume: the kubelet writes a new timestamped directory and swaps
+the `..data` symlink atomically (HOSTILE.md E2), so the file's resolved path changes while its own
+mtime may not. The watcher therefore compares the resolved path *and* stat data, polled (cheap, and
+immune to inotify's missed events on symlink swaps). A half-written or invalid file is refused: the
+last good policy keeps serving and `/status` shows the error; the next good write applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .policy import LoadedPolicy, PolicyError, parse_policy_text
+
+log = logging.getLogger("llmroute.reload")
+
+
+class PolicyWatcher:
+    def __init__(
+        self,
+        path: Path,
+        apply: Callable[[LoadedPolicy], None],
+        refuse: Callable[[str], None],
+        interval: float = 1.0,
+    ) -> None:
+        self.path = path
+        self._apply = apply
+        self._refuse = refuse
+        self.interval = interval
+        self._seen: tuple[str, int, int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _fingerprint(self) -> tuple[str, int, int, int] | None:
+        try:
+            resolved = os.path.realpath(self.path)
+            info = os.stat(resolved)
+        except OSError:
+            return None
+        return (resolved, info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def load_now(self) -> bool:
+        """Read, validate and apply the file if it changed; True when a new policy was applied."""
+        fingerprint = self._fingerprint()
+        if fingerprint is None:
+            if self._seen is not None or not self.path.exists():
+                self._refuse(f"policy file {self.path} is not readable")
+            self._seen = None
+            return False
+        if fingerprint == self._seen:
+            return False
+        self._seen = fingerprint
+        try:
+            text = Path(fingerprint[0]).read_bytes()
+            policy = parse_policy_text(text)
+            self._apply(policy)
+        except PolicyError as exc:
+            message = "; ".join(exc.problems)
+            log.warning("policy refused, keeping the last good one: %s", message)
+            self._refuse(message)
+            return False
+        except OSError as exc:
+            self._refuse(f"policy file {self.path} could not be read: {exc.strerror}")
+            self._seen = None
+            return False
+        log.info("policy applied from %s", self.path)
+        return True
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.load_now()
+            except Exception:  # a watcher that dies silently would freeze the config: log and go on
+                log.exception("policy watcher failed; retrying")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,440 @@
+"""The sidecar's HTTP server: the route API, the probes, `/status` and `/metrics`.
+
+The app talks to 127.0.0.1:8787. Every handler takes the current policy snapshot once, at its start,
+and keeps it (a reload never changes a request in flight). Resources live in `cleanup_ctx`: the
+upstream sessions, status-page pollers and the policy watcher start with the app and stop with it.
+The compatible endpoints (`/anthropic`, `/openai`) live in `compat.py` and share the helpers here.
+
+aiohttp defaults that bite a proxy are set on purpose (PROVIDERS.md 8): a 32 MiB body limit like
+Anthropic's, handler cancellation on client disconnect (stop paying for tokens nobody reads), a
+body-read deadline so a never-ending upload gets a 408 instead of a stuck handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from opentelemetry import trace
+
+from .checks import parse_json_answer
+from .errors import ClientError, RequestError, StreamBroken, UpstreamError
+from .messages import ChatRequest, StreamEnd, TextDelta
+from .policy import LoadedPolicy, PolicyError
+from .reloading import PolicyWatcher
+from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
+from .sse import json_frame
+from .strategies import Answer, Call, Engine, GaveUp
+from .streams import follow
+from .telemetry import Telemetry
+
+MAX_BODY = 32 * 1024 * 1024
+BODY_TIMEOUT = 30.0
+WRITE_TIMEOUT = 30.0
+"""A client that does not drain its stream for this long is gone: stop the upstream (HOSTILE D6)."""
+CLIENT_DEADLINE_MARGIN = 0.5
+_HINT_HEADERS = ("x-stainless-timeout", "x-stainless-read-timeout", "x-server-timeout")
+
+
+@dataclass
+class SidecarState:
+    """What the handlers share: the current snapshot, the long-lived upstreams and the telemetry."""
+
+    upstreams: Upstreams
+    telemetry: Telemetry
+    engine: Engine
+    policy_path: Path | None = None
+    runtime: Runtime | None = None
+    last_error: str | None = None
+    last_error_at: str | None = None
+    loaded_at: str | None = None
+    draining: bool = False
+    started: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+    def apply(self, policy: LoadedPolicy) -> None:
+        """Swap in a new policy (compiled first: a policy that fails to compile changes nothing)."""
+        self.runtime = self.upstreams.compile(policy)
+        self.loaded_at = _now()
+        self.last_error = None
+
+    def refuse(self, error: str) -> None:
+        self.last_error = error
+        self.last_error_at = _now()
+        self.telemetry.reload_errors.inc()
+
+
+STATE = web.AppKey("state", SidecarState)
+
+
+def create_app(
+    policy_path: Path | None = None,
+    policy: LoadedPolicy | None = None,
+    *,
+    status_relay: str | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    watch_interval: float = 1.0,
+) -> web.Application:
+    """The sidecar app, for a policy file (watched) or an already loaded policy (tests, simulator)."""
+    app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        upstreams = Upstreams(status_relay)
+        telemetry = Telemetry(tracer_provider)
+        board = upstreams.status
+        state = SidecarState(upstreams, telemetry, Engine(telemetry, board.shed_share), policy_path)
+        app[STATE] = state
+        telemetry.read_state_with(lambda: _refresh_gauges(state))
+        watcher: PolicyWatcher | None = None
+        if policy is not None:
+            state.apply(policy)
+        if policy_path is not None:
+            watcher = PolicyWatcher(policy_path, state.apply, state.refuse, interval=watch_interval)
+            watcher.load_now()
+            watcher.start()
+        yield
+        state.draining = True
+        if watcher is not None:
+            await watcher.stop()
+        await upstreams.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        if STATE in app:
+            app[STATE].draining = True  # fail readiness first; in-flight requests drain
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_post("/v1/routes/{route}", route_api)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    from .compat import add_compat_routes
+
+    add_compat_routes(app)
+    return app
+
+
+# ----- shared by the route API and the compatible endpoints -----------------------------------------------
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or RequestError (400 bad JSON, 413 too large, 408 stuck)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestError(408, "request body not received in time", "timeout_error") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestError(413, f"request body larger than {MAX_BODY} bytes", "request_too_large") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    return body
+
+
+def new_call(
+    route: CompiledRoute,
+    request: web.Request,
+    build: Callable[[CompiledTarget], ChatRequest],
+    stream: bool,
+    requested_model: str | None = None,
+) -> Call:
+    """A call with its deadlines: the route's, capped by the client's own timeout hints."""
+    now = time.monotonic()
+    spec = route.spec
+    hard = float("inf")
+    for name in _HINT_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            try:
+                hard = min(hard, now + float(value) - CLIENT_DEADLINE_MARGIN)
+            except ValueError:
+                pass
+    deadline = min(now + spec.overall_deadline, hard)
+    retry_count = request.headers.get("x-stainless-retry-count", "0")
+    return Call(
+        route=route,
+        build=build,
+        requested_model=requested_model,
+        stream=stream,
+        budget_deadline=min(now + spec.budget, deadline),
+        deadline=deadline,
+        hard_deadline=hard,
+        sdk_retry=retry_count.strip() not in ("", "0"),
+        headers=request.headers,
+    )
+
+
+def answer_headers(call: Call, answer: Answer | None, attempts: int | None = None) -> dict[str, str]:
+    """The contract's `llmroute-*` headers."""
+    headers = {
+        "llmroute-route": call.route.name,
+        "llmroute-attempts": str(attempts if attempts is not None else len(call.attempts)),
+        "llmroute-degraded": "true" if answer is not None and answer.degraded else "false",
+    }
+    if answer is not None:
+        headers["llmroute-target"] = answer.target.name
+        headers["llmroute-provider"] = answer.target.provider.name
+    if call.shed_reason is not None:
+        headers["llmroute-shed-reason"] = call.shed_reason
+    notice = call.route.spec.degraded_notice
+    if answer is not None and answer.degraded and notice and notice.isascii():
+        headers["llmroute-notice"] = notice
+    return headers
+
+
+def give_up_status(error: UpstreamError | None) -> int:
+    return error.status if error is not None and error.status and error.status >= 400 else 503
+
+
+def finish(
+    state: SidecarState, span: trace.Span, call: Call, answer: Answer | None, outcome: str, started: float
+) -> None:
+    """Metrics, span attributes and cost for a finished call."""
+    target = answer.target.name if answer is not None else "none"
+    degraded = answer.degraded if answer is not None else False
+    state.telemetry.request_done(
+        span, call.route.name, target, degraded, outcome, time.monotonic() - started, call.retry_wait,
+        call.shed_reason,
+    )
+
+
+def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) -> None:
+    pricing = state.runtime.policy.spec.pricing if state.runtime else {}
+    state.telemetry.usage(answer.target.provider.name, model, usage, pricing.get(model))
+
+
+async def write_or_give_up(response: web.StreamResponse, data: bytes) -> None:
+    """Write with backpressure; a client that stops reading is treated as gone."""
+    if data:
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await response.write(data)
+
+
+def json_response(status: int, body: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+# ----- the route API ----------------------------------------------------------------------------------
+async def route_api(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/routes/{route}`: the policy's own prompts, rendered with the request's variables."""
+    state = request.app[STATE]
+    runtime = state.runtime
+    name = request.match_info["route"]
+    with state.telemetry.request_span(f"POST /v1/routes/{name}", name) as span:
+        try:
+            if runtime is None:
+                raise RequestError(503, "no valid policy loaded", "unavailable")
+            body = await read_json(request)
+            route = runtime.route(name)
+            if route is None:
+                raise RequestError(404, f'unknown route "{name}"', "not_found_error")
+            variables = body.get("variables", {})
+            stream = body.get("stream", False)
+            if not isinstance(variables, dict):
+                raise RequestError(400, '"variables" must be an object')
+            if not isinstance(stream, bool):
+                raise RequestError(400, '"stream" must be true or false')
+            # Every target's prompt renders now, so a missing variable fails before any upstream call.
+            prepared = {t.name: t.route_request(variables) for t in route.targets}
+        except RequestError as exc:
+            return _route_error(exc.status, exc.error_type, exc.message)
+        call = new_call(route, request, lambda target: prepared[target.name], stream)
+        return await _serve_route(state, request, span, call)
+
+
+async def _serve_route(
+    state: SidecarState, request: web.Request, span: trace.Span, call: Call
+) -> web.StreamResponse:
+    started = time.monotonic()
+    answer: Answer | None = None
+    outcome = "client_cancelled"
+    try:
+        try:
+            answer = await state.engine.run(call)
+        except ClientError as exc:
+            outcome = "client_error"
+            return _route_error(
+                exc.status or 400, exc.error_type, exc.message, call, answer_headers(call, None)
+            )
+        except GaveUp as exc:
+            outcome = "failed"
+            return _route_error(
+                give_up_status(exc.error), exc.error.error_type if exc.error else "unavailable",
+                f"all targets failed: {exc}", call, answer_headers(call, None),
+            )
+        target = answer.target
+        headers = answer_headers(call, answer)
+        notice = call.route.spec.degraded_notice if answer.degraded else None
+        if answer.response is not None:
+            outcome = "ok"
+            response = answer.response
+            record_usage(state, answer, response.model, response.usage)
+            output: dict[str, Any] = {"text": response.text}
+            if target.check is not None or response.text.lstrip().startswith(("{", "[")):
+                parsed = parse_json_answer(response.text)
+                if parsed is not None:
+                    output["json"] = parsed
+            return json_response(
+                200,
+                {
+                    "route": call.route.name,
+                    "target": target.name,
+                    "provider": target.provider.name,
+                    "model": response.model,
+                    "degraded": answer.degraded,
+                    "notice": notice,
+                    "output": output,
+                    "usage": {"input_tokens": response.usage.input_tokens,
+                              "output_tokens": response.usage.output_tokens},
+                    "attempts": [a.to_json() for a in call.attempts],
+                },
+                headers,
+            )
+        streamed, outcome = await _stream_route(state, request, call, answer, headers, notice)
+        return streamed
+    finally:
+        finish(state, span, call, answer, outcome, started)
+
+
+async def _stream_route(
+    state: SidecarState,
+    request: web.Request,
+    call: Call,
+    answer: Answer,
+    headers: dict[str, str],
+    notice: str | None,
+) -> tuple[web.StreamResponse, str]:
+    """SSE: `meta`, then `delta`s, then `done` — or `error` if the upstream breaks beyond repair."""
+    assert answer.stream is not None
+    response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    target = answer.target
+    await write_or_give_up(response, json_frame("meta", {
+        "route": call.route.name, "target": target.name, "provider": target.provider.name,
+        "model": answer.stream.model, "degraded": answer.degraded, "notice": notice,
+        "attempts": [a.to_json() for a in call.attempts],
+    }))
+    try:
+        async for frame, _resumed in follow(answer, call.route.spec.resume_streams,
+                                            call.route.spec.attempt_timeout):
+            for event in frame.events:
+                if isinstance(event, TextDelta):
+                    await write_or_give_up(response, json_frame("delta", {"text": event.text}))
+                elif isinstance(event, StreamEnd):
+                    record_usage(state, answer, answer.stream.model, event.usage)
+                    await write_or_give_up(response, json_frame("done", {
+                        "usage": {"input_tokens": event.usage.input_tokens,
+                                  "output_tokens": event.usage.output_tokens},
+                        "degraded": answer.degraded, "stop_reason": event.stop_reason,
+                    }))
+    except StreamBroken as exc:
+        await write_or_give_up(response, json_frame("error", {"type": exc.error_type, "message": exc.message}))
+        await response.write_eof()
+        return response, "stream_broken"
+    await response.write_eof()
+    return response, "ok"
+
+
+def _route_error(
+    status: int,
+    error_type: str,
+    message: str,
+    call: Call | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body: dict[str, Any] = {"error": {"type": error_type, "message": message}}
+    if call is not None:
+        body["attempts"] = [a.to_json() for a in call.attempts]
+    return json_response(status, body, {**(headers or {}), "x-should-retry": "false"})
+
+
+# ----- probes, status, metrics -------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.draining:
+        return web.Response(status=503, text="draining")
+    if state.runtime is None:
+        return web.Response(status=503, text=f"no valid policy: {state.last_error or 'not loaded'}")
+    return web.Response(text="ready")
+
+
+async def status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    runtime = state.runtime
+    policy = runtime.policy if runtime else None
+    telemetry = state.telemetry
+    routes: dict[str, Any] = {}
+    if runtime is not None:
+        for route in runtime.routes.values():
+            answered = _sum_samples(telemetry.requests, {"route": route.name})
+            degraded = _sum_samples(telemetry.requests, {"route": route.name, "degraded": "true"})
+            routes[route.name] = {
+                "strategy": route.spec.strategy,
+                "answered": answered,
+                "degradedShare": round(degraded / answered, 4) if answered else 0.0,
+                "targets": {t.name: t.health.snapshot() for t in route.targets},
+            }
+    body = {
+        "policy": policy.name if policy else None,
+        "namespace": policy.namespace if policy else None,
+        "generation": policy.generation if policy else None,
+        "configHash": policy.config_hash if policy else None,
+        "loadedAt": state.loaded_at,
+        "ready": runtime is not None and not state.draining,
+        "error": state.last_error,
+        "errorAt": state.last_error_at,
+        "warnings": runtime.warnings if runtime else [],
+        "providers": state.upstreams.status.snapshot(),
+        "retryBudgets": {name: b.snapshot() for name, b in state.upstreams.budgets().items()},
+        "routes": routes,
+        "uptimeSeconds": round(time.monotonic() - state.started, 1),
+    }
+    return json_response(200, body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].telemetry.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _refresh_gauges(state: SidecarState) -> None:
+    for provider, level in state.upstreams.status.levels().items():
+        state.telemetry.statuspage.labels(provider).set(level)
+    for (_route, target), health in state.upstreams.healths().items():
+        state.telemetry.circuit.labels(target).set(1 if health.state == "open" else 0)
+
+
+def _sum_samples(counter: Any, labels: dict[str, str]) -> float:
+    total = 0.0
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def policy_problem(exc: Exception) -> str:
+    if isinstance(exc, PolicyError):
+        return "; ".join(exc.problems)
+    return str(exc)

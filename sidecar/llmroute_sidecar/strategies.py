@@ -1,0 +1,428 @@
+"""Strategies: which targets a request tries, in what order, and when it gives up.
+
+    retryAndShed (default)  retry the primary with full-jitter backoff until the route's `budget`,
+                            then shed to the fallbacks in order, each with its own prompt and model.
+    failover                hot-cold: one attempt on the primary, then the fallbacks.
+    hotHot                  spread requests by recent health (opt-in: outputs vary between targets).
+    quorum                  every request calls several targets in parallel (see `quorum` below).
+
+Any strategy may also run a `quorum` block for a sampled share of requests (parallel calls; `pick:
+first|best`) or hedge (`hedgeAfter`: start the next target only when the first is slow to first byte).
+
+Rules every strategy keeps:
+- a client error from the primary goes back to the app; nothing else is tried;
+- shedding skips the primary without spending anything on it: status page in outage, open circuit;
+- retries spend the provider's retry budget; SDK retries get no retries of ours ("don't retry retries");
+- no sleep runs past the budget; no attempt starts after the route's deadline;
+- a stream commits at its first content event; everything before that can still fail over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import ClientError, FailoverError, LLMRouteError, RetryableError, UpstreamError
+from .messages import ChatRequest, ChatResponse, is_content
+from .providers.base import AttemptTimeouts, StreamFrame
+from .runtime import CompiledRoute, CompiledTarget
+from .telemetry import Telemetry
+
+ShedReason = str  # status-page | budget-exhausted | retry-budget | circuit-open | primary-error | quorum | hedge
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One line of the answer's `attempts`: what happened on which target, and how long it took."""
+
+    target: str
+    status: str  # ok | error | invalid | skipped | cancelled
+    ms: int
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {"target": self.target, "status": self.status, "ms": self.ms}
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+
+@dataclass(slots=True)
+class LiveStream:
+    """A committed stream: the frames read up to the first content, and the rest still upstream."""
+
+    head: list[StreamFrame]
+    rest: AsyncIterator[StreamFrame]
+    request: ChatRequest
+    model: str
+
+
+@dataclass(slots=True)
+class Answer:
+    target: CompiledTarget
+    response: ChatResponse | None = None
+    stream: LiveStream | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.target.spec.degraded
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on its way through a route."""
+
+    route: CompiledRoute
+    build: Callable[[CompiledTarget], ChatRequest]
+    """The request as a given target must receive it (its prompt, its params)."""
+    requested_model: str | None
+    stream: bool
+    budget_deadline: float
+    deadline: float
+    hard_deadline: float
+    """The client's own timeout (minus a margin): no attempt may outlive it."""
+    sdk_retry: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    shed_reason: ShedReason | None = None
+    retry_wait: float = 0.0
+    primary_error: UpstreamError | None = None
+    last_error: UpstreamError | None = None
+
+
+class GaveUp(LLMRouteError):
+    """No target produced an answer; `error` is the most informative upstream error (HOSTILE U18)."""
+
+    def __init__(self, error: UpstreamError | None, shed_reason: ShedReason | None) -> None:
+        super().__init__(error.message if error else "no target could answer")
+        self.error = error
+        self.shed_reason = shed_reason
+
+
+class Engine:
+    """Runs calls with the strategies of their route."""
+
+    def __init__(self, telemetry: Telemetry, shed_share: Callable[[str], tuple[float, str | None]]) -> None:
+        self.telemetry = telemetry
+        self._shed_share = shed_share
+
+    async def run(self, call: Call) -> Answer:
+        route = call.route.spec
+        quorum = route.quorum
+        if quorum is not None and (route.strategy == "quorum" or _selected(quorum, call.headers)):
+            if quorum.hedge_after is not None:
+                return await self._hedge(call, quorum.hedge_after)
+            return await self._quorum(call)
+        if route.strategy == "hotHot":
+            return await self._ordered(call, self._by_health(call.route.targets), retry_primary=False)
+        return await self._ordered(
+            call, call.route.targets, retry_primary=route.strategy == "retryAndShed"
+        )
+
+    # ----- ordered strategies: retryAndShed, failover, hotHot -----------------------------------------
+    async def _ordered(self, call: Call, targets: list[CompiledTarget], retry_primary: bool) -> Answer:
+        primary, fallbacks = targets[0], targets[1:]
+        reason = self._skip_reason(primary)
+        if reason is not None and fallbacks:
+            call.shed_reason = reason
+            call.attempts.append(AttemptRecord(primary.name, "skipped", 0, reason))
+        else:
+            if not call.sdk_retry:
+                primary.budget.deposit()
+            retries = retry_primary and not call.sdk_retry
+            answer = await self._try_target(call, primary, call.budget_deadline, retries, primary=True)
+            if answer is not None:
+                return answer
+            call.shed_reason = call.shed_reason or "primary-error"
+        for target in fallbacks:
+            reason = self._skip_reason(target)
+            if reason is not None and target is not fallbacks[-1]:
+                call.attempts.append(AttemptRecord(target.name, "skipped", 0, reason))
+                continue
+            retries = call.route.spec.fallback_retries > 0 and not call.sdk_retry
+            answer = await self._try_target(call, target, call.deadline, retries, primary=False)
+            if answer is not None:
+                return answer
+        raise GaveUp(call.primary_error or call.last_error, call.shed_reason)
+
+    def _skip_reason(self, target: CompiledTarget) -> ShedReason | None:
+        """Shed before spending anything: a confirmed status-page outage, or an open circuit."""
+        share, _state = self._shed_share(target.provider.name)
+        if share > 0 and (share >= 1 or random.random() < share):
+            return "status-page"
+        if not target.health.allow():
+            return "circuit-open"
+        return None
+
+    async def _try_target(
+        self, call: Call, target: CompiledTarget, until: float, retries: bool, primary: bool
+    ) -> Answer | None:
+        """Attempts on one target; None when the caller should move on to the next target."""
+        backoff = call.route.spec.backoff
+        retry_on = call.route.spec.retry_on
+        max_attempts = 1 + (call.route.spec.fallback_retries if not primary else 1_000)
+        step = 0
+        last_end = -1.0
+        while True:
+            if time.monotonic() >= call.deadline and step > 0:
+                call.shed_reason = call.shed_reason or "budget-exhausted"
+                return None
+            if step > 0 and target.health.failed_since(last_end):
+                error: UpstreamError | None = call.last_error  # coalesced: someone just failed here
+            else:
+                try:
+                    return await self._attempt(call, target, step)
+                except ClientError as exc:
+                    if primary:
+                        raise  # the app's request is wrong: it goes back as the provider sent it
+                    call.last_error = exc  # a fallback refusing its translation: try the next one
+                    return None
+                except UpstreamError as exc:
+                    error = exc
+                    if primary:
+                        call.primary_error = exc
+                    call.last_error = exc
+                last_end = time.monotonic()
+                if isinstance(error, FailoverError) or not isinstance(error, RetryableError):
+                    return None
+                if error.condition not in retry_on or not retries:
+                    return None
+            step += 1
+            if step >= max_attempts:
+                return None
+            if target.health.state == "open":
+                call.shed_reason = "circuit-open" if primary else call.shed_reason
+                return None
+            wait = _backoff(backoff.initial, backoff.max, backoff.multiplier, backoff.jitter, step)
+            hinted = error.retry_after if error is not None else None
+            now = time.monotonic()
+            if hinted is not None:
+                if now + hinted > until:
+                    call.shed_reason = call.shed_reason or "budget-exhausted"
+                    return None  # the provider asked for longer than we may wait
+                wait = max(wait, hinted)
+            if now + wait >= until:
+                if primary:
+                    call.shed_reason = call.shed_reason or "budget-exhausted"
+                return None
+            if not target.budget.try_withdraw():
+                self.telemetry.budget_exhausted(target.provider.name)
+                if primary:
+                    call.shed_reason = "retry-budget"
+                return None
+            call.retry_wait += wait
+            await asyncio.sleep(wait)
+
+    async def _attempt(self, call: Call, target: CompiledTarget, step: int) -> Answer:
+        """One upstream call; records its outcome on the target's health and in `attempts`."""
+        started = time.monotonic()
+        request = call.build(target)
+        model = target.model_for(call.requested_model)
+        first_byte = max(0.001, min(call.route.spec.attempt_timeout, call.hard_deadline - started))
+        timeouts = AttemptTimeouts(first_byte=first_byte)
+        with self.telemetry.attempt_span(call.route.name, target, model, step, call.stream) as span:
+            try:
+                reason = target.adapter.untranslatable(request)
+                if reason is not None:
+                    raise FailoverError(f"cannot translate for {target.provider.type}: {reason}")
+                if call.stream:
+                    stream = await _open_stream(target, request, model, timeouts)
+                    answer = Answer(target, stream=stream)
+                else:
+                    response = await target.adapter.complete(request, model, timeouts)
+                    problem = target.check.problem(response) if target.check else None
+                    if problem is not None:
+                        raise FailoverError(f"quality check failed: {problem}", error_type="validation")
+                    answer = Answer(target, response=response)
+                    span.usage(response.usage)
+            except asyncio.CancelledError:
+                call.attempts.append(AttemptRecord(target.name, "cancelled", _ms(started)))
+                self.telemetry.attempt(call.route.name, target, "cancelled")
+                span.fail("cancelled")
+                raise
+            except UpstreamError as exc:
+                elapsed = time.monotonic() - started
+                status = "invalid" if exc.error_type == "validation" else "error"
+                call.attempts.append(AttemptRecord(target.name, status, _ms(started), exc.label))
+                if isinstance(exc, RetryableError):
+                    target.health.record_failure(elapsed)
+                self.telemetry.attempt(call.route.name, target, _result(exc))
+                span.fail(_result(exc))
+                raise
+        target.health.record_success(time.monotonic() - started)
+        call.attempts.append(AttemptRecord(target.name, "ok", _ms(started)))
+        self.telemetry.attempt(call.route.name, target, "ok")
+        return answer
+
+    # ----- hot-hot -------------------------------------------------------------------------------------
+    @staticmethod
+    def _by_health(targets: list[CompiledTarget]) -> list[CompiledTarget]:
+        """Weighted random order by recent success rate and latency; unhealthy targets go last."""
+        keyed = [
+            (random.random() ** (1.0 / max(t.health.weight(), 1e-6)), t)
+            for t in targets
+            if t.health.state == "closed"
+        ]
+        ordered = [t for _, t in sorted(keyed, key=lambda pair: pair[0], reverse=True)]
+        return ordered + [t for t in targets if t.health.state != "closed"]
+
+    # ----- quorum and hedging ------------------------------------------------------------------------
+    async def _quorum(self, call: Call) -> Answer:
+        """Call the quorum's targets in parallel. `first`: first valid answer wins, losers are cancelled;
+        `best`: after the first valid answer, wait up to `grace` and pick by target order."""
+        quorum = call.route.spec.quorum
+        assert quorum is not None
+        targets = [t for t in call.route.quorum_targets if t.health.allow()] or call.route.quorum_targets[:1]
+        call.shed_reason = "quorum"
+        tasks = {asyncio.create_task(self._attempt(call, t, 0)): t for t in targets}
+        for target in targets:
+            self.telemetry.quorum(call.route.name, "call")
+        winners: dict[int, Answer] = {}
+        grace_deadline: float | None = None
+        pending = set(tasks)
+        try:
+            while pending:
+                timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # grace is over
+                for task in done:
+                    if task.exception() is None:
+                        winners[tasks[task].index] = task.result()
+                    elif isinstance(task.exception(), UpstreamError):
+                        exc = task.exception()
+                        assert isinstance(exc, UpstreamError)
+                        call.last_error = exc
+                if winners and quorum.pick == "first":
+                    break
+                if winners and grace_deadline is None:
+                    grace_deadline = time.monotonic() + quorum.grace
+                if winners and min(winners) == min(t.index for t in targets):
+                    break  # the best possible answer is in: no need to wait out the grace
+        finally:
+            await _cancel(pending)
+        if not winners:
+            primary_error = call.last_error
+            raise GaveUp(primary_error, call.shed_reason)
+        best = winners[min(winners)]
+        for index, answer in winners.items():
+            if answer is not best:
+                await _discard(answer)
+        self.telemetry.quorum(call.route.name, "win" if best.target.index == 0 else "fallback-win")
+        if best.target.index == 0:
+            call.shed_reason = None
+        return best
+
+    async def _hedge(self, call: Call, hedge_after: float) -> Answer:
+        """Start the primary; if it has not answered (streams: first content) by `hedgeAfter`, start the
+        next target too; whichever answers first wins, the other is cancelled."""
+        targets = [t for t in call.route.quorum_targets if t.health.allow()] or call.route.quorum_targets[:1]
+        tasks: dict[asyncio.Task[Answer], CompiledTarget] = {}
+        pending: set[asyncio.Task[Answer]] = set()
+        try:
+            for position, target in enumerate(targets):
+                task = asyncio.create_task(self._attempt(call, target, 0))
+                tasks[task] = target
+                pending.add(task)
+                if position:
+                    call.shed_reason = "hedge"
+                    self.telemetry.quorum(call.route.name, "hedge")
+                is_last = position == len(targets) - 1
+                while pending:
+                    done, pending = await asyncio.wait(
+                        pending, timeout=None if is_last else hedge_after, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not done:
+                        break  # slow: hedge with the next target
+                    for finished in done:
+                        if finished.exception() is None:
+                            answer = finished.result()
+                            if answer.target.index == 0:
+                                call.shed_reason = None
+                            return answer
+                        exc = finished.exception()
+                        if isinstance(exc, ClientError) and tasks[finished].index == 0:
+                            raise exc
+                        if isinstance(exc, UpstreamError):
+                            call.last_error = exc
+                    if not pending:
+                        break  # all started attempts failed: start the next target now
+            raise GaveUp(call.last_error, call.shed_reason)
+        finally:
+            await _cancel(pending)
+
+
+async def _open_stream(
+    target: CompiledTarget, request: ChatRequest, model: str, timeouts: AttemptTimeouts
+) -> LiveStream:
+    """Open a stream and read it up to its first content event: that is where the answer commits."""
+    frames = target.adapter.stream(request, model, timeouts)
+    head: list[StreamFrame] = []
+    try:
+        async with asyncio.timeout(timeouts.first_byte):
+            async for frame in frames:
+                head.append(frame)
+                if any(is_content(event) for event in frame.events):
+                    break
+    except TimeoutError:
+        await frames.aclose()
+        raise RetryableError("no content before the attempt timeout", condition="timeout") from None
+    except BaseException:
+        await frames.aclose()
+        raise
+    return LiveStream(head, frames, request, model)
+
+
+def _selected(quorum: object, headers: Mapping[str, str]) -> bool:
+    from .policy import Quorum
+
+    assert isinstance(quorum, Quorum)
+    if quorum.when_header and all(headers.get(k) == v for k, v in quorum.when_header.items()):
+        return True
+    return quorum.sample > 0 and random.random() < quorum.sample
+
+
+def _backoff(initial: float, maximum: float, multiplier: float, jitter: str, step: int) -> float:
+    ceiling = min(maximum, initial * multiplier ** (step - 1))
+    if jitter == "full":
+        return random.uniform(0, ceiling)
+    if jitter == "equal":
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return ceiling
+
+
+def _result(error: UpstreamError) -> str:
+    """Low-cardinality attempt result for metrics: the error class."""
+    if error.error_type == "validation":
+        return "invalid"
+    if isinstance(error, ClientError):
+        return "client_error"
+    if isinstance(error, FailoverError):
+        return "unavailable"
+    return "timeout" if error.condition == "timeout" else (
+        "connection" if error.condition == "connection" else f"http_{error.condition}"
+    )
+
+
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+async def _cancel(tasks: set[asyncio.Task[Answer]]) -> None:
+    """Cancel losers and make sure their upstream connections are closed before returning."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            answer = await task
+            await _discard(answer)
+
+
+async def _discard(answer: Answer) -> None:
+    if answer.stream is not None:
+        with contextlib.suppress(Exception):
+            await answer.stream.rest.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,94 @@
+"""Following a committed stream to its end, and never ending it silently.
+
+After the first content event reached the app, a failover would splice another model's words into a
+half-finished answer, so it is off the table. An upstream break then has two honest outcomes:
+- resume on the *same* target: ask again with the text streamed so far as an assistant prefill and
+  stream only the continuation (Anthropic supports prefill; route option `resumeStreams`, default on);
+- or raise `StreamBroken`, which the endpoint turns into the dialect's error event so the SDK raises
+  instead of returning a truncated message as if it were complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from .errors import StreamBroken, UpstreamError
+from .messages import StreamStart, TextDelta, ToolCallDelta, ToolCallStart
+from .providers.base import AttemptTimeouts, StreamFrame
+from .strategies import Answer, LiveStream, _open_stream
+
+MAX_RESUMES = 2
+
+
+async def follow(
+    answer: Answer, resume: bool, attempt_timeout: float
+) -> AsyncIterator[tuple[StreamFrame, bool]]:
+    """Yield (frame, resumed) until the upstream's proper end; `resumed` frames come from a
+    continuation and must be re-encoded rather than relayed (their framing restarts upstream)."""
+    live = answer.stream
+    assert live is not None
+    target = answer.target
+    text: list[str] = []
+    saw_tool_call = False
+    resumed = False
+    pending_space = ""
+    frames: AsyncIterator[StreamFrame] = _replay(live)
+    resumes = 0
+    while True:
+        try:
+            async for frame in frames:
+                if resumed:
+                    frame, pending_space = _continuation(frame, pending_space)
+                for event in frame.events:
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                    elif isinstance(event, ToolCallStart | ToolCallDelta):
+                        saw_tool_call = True
+                yield frame, resumed
+            return
+        except UpstreamError as exc:
+            target.health.record_failure(0.0)
+            can_resume = resume and target.adapter.supports_prefill and not saw_tool_call
+            if not can_resume or resumes >= MAX_RESUMES:
+                raise StreamBroken(f"upstream stream broke: {exc.message}", exc.error_type) from None
+            resumes += 1
+            so_far = "".join(text)
+            pending_space = so_far[len(so_far.rstrip()) :]  # the adapter trims it from the prefill
+            request = dataclasses.replace(live.request, prefill=so_far or None)
+            started = time.monotonic()
+            try:
+                continuation = await _open_stream(
+                    target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout)
+                )
+            except UpstreamError as again:
+                raise StreamBroken(f"upstream stream broke and could not resume: {again.message}") from None
+            target.health.record_success(time.monotonic() - started)
+            resumed = True
+            frames = _replay(continuation)
+
+
+async def _replay(live: LiveStream) -> AsyncIterator[StreamFrame]:
+    for frame in live.head:
+        yield frame
+    async for frame in live.rest:
+        yield frame
+
+
+def _continuation(frame: StreamFrame, pending_space: str) -> tuple[StreamFrame, str]:
+    """Drop the continuation's own start, and the whitespace already sent before the break."""
+    events = []
+    for event in frame.events:
+        if isinstance(event, StreamStart):
+            continue
+        if pending_space and isinstance(event, TextDelta):
+            stripped = event.text.lstrip()
+            gap = event.text[: len(event.text) - len(stripped)]
+            if pending_space.startswith(gap) or gap.startswith(pending_space):
+                event = TextDelta(event.text[min(len(gap), len(pending_space)) :])
+            pending_space = ""
+            if not event.text:
+                continue
+        events.append(event)
+    return StreamFrame(events, frame.sse), pending_space

@@ -97,6 +97,9 @@ class ChatRequest:
     """Text the assistant already produced (stream resume): the model continues after it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Target params with no neutral field: merged into the wire body as the provider names them."""
+    lossy: list[str] = field(default_factory=list)
+    """What the app's native body holds that the neutral fields cannot carry (e.g. an Anthropic document
+    block): a target of another dialect refuses the request instead of silently dropping it."""
 
     @property
     def effective_system(self) -> str | None:

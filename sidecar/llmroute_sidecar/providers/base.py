@@ -99,6 +99,8 @@ class Adapter:
 
     def untranslatable(self, request: ChatRequest) -> str | None:
         """Why this provider cannot faithfully serve `request` (None: it can)."""
+        if request.native is not None and request.native.dialect != self.dialect and request.lossy:
+            return "cannot translate " + ", ".join(request.lossy)
         return None
 
     # ----- the HTTP exchange ------------------------------------------------------------------------

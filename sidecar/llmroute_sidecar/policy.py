@@ -55,6 +55,9 @@ ProviderType = Literal["anthropic", "openai", "gemini"]
 Strategy = Literal["retryAndShed", "failover", "hotHot", "quorum"]
 RetryCondition = Annotated[int | Literal["timeout", "connection"], Field(union_mode="left_to_right")]
 
+DEFAULT_RETRY_ON: tuple[int | Literal["timeout", "connection"], ...] = (
+    429, 500, 502, 503, 504, 529, "timeout", "connection",
+)
 DEFAULT_BASE_URLS: dict[str, str] = {
     "anthropic": "https://api.anthropic.com",
     "openai": "https://api.openai.com/v1",
@@ -188,9 +191,7 @@ class Route(Model):
     deadline: Duration | None = None
     """Overall: no attempt on any target starts after it (default: 2 x budget). Capped by client hints."""
     backoff: Backoff = Field(default_factory=Backoff)
-    retry_on: list[RetryCondition] = Field(
-        default_factory=lambda: [429, 500, 502, 503, 504, 529, "timeout", "connection"]
-    )
+    retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
     attempt_timeout: Duration = 30.0
     """Per upstream attempt: until the response headers (streams: the first content event)."""
     fallback_retries: int = Field(default=1, ge=0, le=5)

@@ -21,7 +21,8 @@ from .health import TargetHealth
 from .messages import ChatRequest, Message, Text
 from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_var
 from .prompts import PromptTemplate, compile_template
-from .providers import Adapter, adapter_for
+from .providers import adapter_for
+from .providers.base import Adapter
 from .statuspages import StatusBoard
 
 _NEUTRAL_PARAMS = {"max_tokens", "temperature", "top_p", "stop", "stop_sequences"}

@@ -13,6 +13,7 @@ body-read deadline so a never-ending upload gets a 408 instead of a stuck handle
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ BODY_TIMEOUT = 30.0
 WRITE_TIMEOUT = 30.0
 """A client that does not drain its stream for this long is gone: stop the upstream (HOSTILE D6)."""
 CLIENT_DEADLINE_MARGIN = 0.5
+request_log = logging.getLogger("llmroute.requests")
 _HINT_HEADERS = ("x-stainless-timeout", "x-stainless-read-timeout", "x-server-timeout")
 
 
@@ -199,13 +201,27 @@ def give_up_status(error: UpstreamError | None) -> int:
 def finish(
     state: SidecarState, span: trace.Span, call: Call, answer: Answer | None, outcome: str, started: float
 ) -> None:
-    """Metrics, span attributes and cost for a finished call."""
+    """Metrics, span attributes and the one log line of a finished call (no keys, prompts or text)."""
     target = answer.target.name if answer is not None else "none"
     degraded = answer.degraded if answer is not None else False
+    seconds = time.monotonic() - started
     state.telemetry.request_done(
-        span, call.route.name, target, degraded, outcome, time.monotonic() - started, call.retry_wait,
-        call.shed_reason,
+        span, call.route.name, target, degraded, outcome, seconds, call.retry_wait, call.shed_reason
     )
+    if request_log.isEnabledFor(logging.INFO):
+        request_log.info(orjson.dumps({
+            "event": "request",
+            "route": call.route.name,
+            "target": target,
+            "provider": answer.target.provider.name if answer is not None else None,
+            "degraded": degraded,
+            "outcome": outcome,
+            "ms": round(seconds * 1000, 1),
+            "attempts": [a.to_json() for a in call.attempts],
+            "shedReason": call.shed_reason,
+            "retryWaitMs": round(call.retry_wait * 1000, 1),
+            "stream": call.stream,
+        }).decode())
 
 
 def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -132,7 +132,7 @@ class Adapter:
 
     async def stream(
         self, request: ChatRequest, model: str, timeouts: AttemptTimeouts
-    ) -> AsyncIterator[StreamFrame]:
+    ) -> AsyncGenerator[StreamFrame, None]:
         """One streaming attempt. Errors before the headers raise like `complete`; after them, an
         upstream error event raises UpstreamError and a silent end raises RetryableError (the engine
         decides, knowing whether anything reached the app yet)."""

@@ -109,12 +109,13 @@ class Runtime:
 class Upstreams:
     """Long-lived upstream state shared by all policy snapshots."""
 
-    def __init__(self, status_relay: str | None = None) -> None:
+    def __init__(self, status_relay: str | None = None, status_min_interval: float | None = None) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._health: dict[tuple[str, str], TargetHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
         self._status_session = self._new_session()
-        self.status = StatusBoard(self._status_session, relay_url=status_relay)
+        floor = {} if status_min_interval is None else {"min_interval": status_min_interval}
+        self.status = StatusBoard(self._status_session, relay_url=status_relay, **floor)
 
     @staticmethod
     def _new_session() -> aiohttp.ClientSession:

@@ -83,12 +83,16 @@ def create_app(
     status_relay: str | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     watch_interval: float = 1.0,
+    statuspage_min_interval: float | None = None,
 ) -> web.Application:
-    """The sidecar app, for a policy file (watched) or an already loaded policy (tests, simulator)."""
+    """The sidecar app, for a policy file (watched) or an already loaded policy (tests, simulator).
+
+    `statuspage_min_interval` lowers the status pollers' floor (10 s: Claude's cache time) for tests
+    and compressed-time simulations."""
     app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        upstreams = Upstreams(status_relay)
+        upstreams = Upstreams(status_relay, statuspage_min_interval)
         telemetry = Telemetry(tracer_provider)
         board = upstreams.status
         state = SidecarState(upstreams, telemetry, Engine(telemetry, board.shed_share), policy_path)

@@ -30,7 +30,11 @@ def policy_document(
     primary_status_page: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A two-target policy with short budgets (tests must be fast); `route`/`spec` override fields."""
-    primary: dict[str, Any] = {"name": "claude", "type": primary_type, "baseURL": _base(primary_url, primary_type)}
+    primary: dict[str, Any] = {
+        "name": "claude",
+        "type": primary_type,
+        "baseURL": _base(primary_url, primary_type),
+    }
     if primary_status_page is not None:
         primary["statusPage"] = primary_status_page
     document: dict[str, Any] = {
@@ -55,16 +59,20 @@ def policy_document(
                             "provider": "claude",
                             "model": "claude-sonnet-4-5",
                             "params": {"max_tokens": 256},
-                            "prompt": {"system": "You summarize support tickets.",
-                                       "template": "Summarize:\n{{ text }}"},
+                            "prompt": {
+                                "system": "You summarize support tickets.",
+                                "template": "Summarize:\n{{ text }}",
+                            },
                         },
                         {
                             "name": "backup",
                             "provider": "gpt",
                             "model": "gpt-4.1-mini",
                             "degraded": True,
-                            "prompt": {"system": "Summarize the ticket in 3 bullet points.",
-                                       "template": "{{ text }}"},
+                            "prompt": {
+                                "system": "Summarize the ticket in 3 bullet points.",
+                                "template": "{{ text }}",
+                            },
                         },
                     ],
                     "degradedNotice": "We're temporarily using a backup model.",
@@ -92,6 +100,7 @@ async def running_sidecar(
     tracer_provider: trace.TracerProvider | None = None,
     status_relay: str | None = None,
     watch_interval: float = 0.05,
+    statuspage_min_interval: float = 0.01,
 ) -> AsyncIterator[tuple[str, SidecarState]]:
     """Start the real sidecar on loopback; yields (base URL, its state)."""
     policy = load_policy(document) if document is not None else None
@@ -101,6 +110,7 @@ async def running_sidecar(
         tracer_provider=tracer_provider,
         status_relay=status_relay,
         watch_interval=watch_interval,
+        statuspage_min_interval=statuspage_min_interval,
     )
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()  # TestServer already enables handler cancellation

@@ -19,9 +19,8 @@ async def fakes():
 
 
 async def post(url: str, route: str = "summarize", **body) -> tuple[int, dict, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/routes/{route}", json=body) as response:
-            return response.status, dict(response.headers), await response.json()
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/routes/{route}", json=body) as response:
+        return response.status, dict(response.headers), await response.json()
 
 
 async def test_microspike_recovers_on_primary_without_fallback(fakes):
@@ -51,7 +50,10 @@ async def test_sustained_outage_sheds_to_fallback_with_its_own_prompt_and_model(
     sent = fallback.last.body
     assert sent["model"] == "gpt-4.1-mini"
     assert sent["messages"][0] == {"role": "system", "content": "Summarize the ticket in 3 bullet points."}
-    assert sent["messages"][-1]["content"] in ("printer on fire", [{"type": "text", "text": "printer on fire"}])
+    assert sent["messages"][-1]["content"] in (
+        "printer on fire",
+        [{"type": "text", "text": "printer on fire"}],
+    )
     assert primary.count() >= 3
 
 
@@ -69,7 +71,10 @@ async def test_client_error_from_primary_goes_back_without_fallback(fakes):
 async def test_retry_after_beyond_budget_sheds_early(fakes):
     primary, fallback = fakes
     primary.script(Fail(529, retry_after=30))
-    async with running_sidecar(policy_document(primary.url, fallback.url, route={"budget": "5s"})) as (url, _):
+    async with running_sidecar(policy_document(primary.url, fallback.url, route={"budget": "5s"})) as (
+        url,
+        _,
+    ):
         started = asyncio.get_running_loop().time()
         status, headers, body = await post(url, variables={"text": "x"})
         elapsed = asyncio.get_running_loop().time() - started
@@ -92,7 +97,8 @@ async def test_retry_budget_stops_a_retry_storm(fakes):
     primary, fallback = fakes
     primary.default = Fail(503)
     document = policy_document(
-        primary.url, fallback.url,
+        primary.url,
+        fallback.url,
         spec={"retryBudget": {"ratio": 0.1, "minPerSecond": 0.5, "window": "10s"}},
         route={"budget": "2s", "backoff": {"initial": "10ms", "max": "20ms"}},
     )
@@ -109,8 +115,11 @@ async def test_retry_budget_stops_a_retry_storm(fakes):
 async def test_failover_strategy_makes_one_primary_attempt(fakes):
     primary, fallback = fakes
     primary.default = Fail(500)
-    async with running_sidecar(policy_document(primary.url, fallback.url, route={"strategy": "failover"})) as (
-        url, _,
+    async with running_sidecar(
+        policy_document(primary.url, fallback.url, route={"strategy": "failover"})
+    ) as (
+        url,
+        _,
     ):
         status, headers, body = await post(url, variables={"text": "x"})
     assert status == 200 and body["target"] == "backup"
@@ -143,10 +152,17 @@ async def test_everything_failing_returns_the_primary_error_without_sdk_retry(fa
 async def test_quality_check_failure_moves_to_the_next_target(fakes):
     primary, fallback = fakes
     primary.script(Reply(text="not json"))
-    route = {"targets": [
-        {"name": "primary", "provider": "claude", "model": "m1", "validate": {"jsonSchema": {"type": "object"}}},
-        {"name": "backup", "provider": "gpt", "model": "m2", "degraded": True},
-    ]}
+    route = {
+        "targets": [
+            {
+                "name": "primary",
+                "provider": "claude",
+                "model": "m1",
+                "validate": {"jsonSchema": {"type": "object"}},
+            },
+            {"name": "backup", "provider": "gpt", "model": "m2", "degraded": True},
+        ]
+    }
     fallback.reply_text = '{"ok": true}'
     async with running_sidecar(policy_document(primary.url, fallback.url, route=route)) as (url, _):
         status, _, body = await post(url, variables={"input": "x"})
@@ -160,8 +176,9 @@ async def test_streaming_route_api_sends_meta_deltas_done(fakes):
     primary.script(Fail(529))
     async with running_sidecar(policy_document(primary.url, fallback.url)) as (url, _):
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{url}/v1/routes/summarize",
-                                    json={"variables": {"text": "hi"}, "stream": True}) as response:
+            async with session.post(
+                f"{url}/v1/routes/summarize", json={"variables": {"text": "hi"}, "stream": True}
+            ) as response:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
                 raw = (await response.read()).decode()
     events = [block.split("\n")[0].removeprefix("event: ") for block in raw.strip().split("\n\n")]

@@ -47,7 +47,7 @@ from llmroute_sidecar.providers.anthropic import (
 from llmroute_sidecar.providers.base import AttemptTimeouts, StreamFrame
 from llmroute_sidecar.sse import SseEvent, SseParser
 
-FIXTURES = Path("/work/shared/fixtures/providers")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 if not FIXTURES.is_dir():  # a checkout carrying its own copy
     FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 TIMEOUTS = AttemptTimeouts(first_byte=2.0, idle=2.0)

@@ -22,7 +22,7 @@ from aiohttp import web
 from opentelemetry import trace
 
 from .errors import ClientError, RequestError, StreamBroken, UpstreamError
-from .messages import StreamEnd
+from .messages import ChatRequest, StreamEnd
 from .providers import app_codec
 from .providers.base import AppCodec
 from .runtime import CompiledTarget
@@ -85,11 +85,17 @@ async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
             return target.apply_params(own)
 
         call = new_call(route, request, build, stream, requested_model=model)
-        return await _answer(state, request, span, codec, call, model)
+        return await _answer(state, request, span, codec, call, model, app_request)
 
 
 async def _answer(
-    state: SidecarState, request: web.Request, span: trace.Span, codec: AppCodec, call: Call, model: str
+    state: SidecarState,
+    request: web.Request,
+    span: trace.Span,
+    codec: AppCodec,
+    call: Call,
+    model: str,
+    app_request: ChatRequest,
 ) -> web.StreamResponse:
     started = time.monotonic()
     answer: Answer | None = None
@@ -117,7 +123,7 @@ async def _answer(
             else:
                 body = codec.encode_response(response, model)
             return json_response(200, body, headers)
-        streamed, outcome = await _stream(state, request, codec, call, answer, headers, model)
+        streamed, outcome = await _stream(state, request, codec, call, answer, headers, model, app_request)
         return streamed
     finally:
         finish(state, span, call, answer, outcome, started)
@@ -131,12 +137,13 @@ async def _stream(
     answer: Answer,
     headers: dict[str, str],
     model: str,
+    app_request: ChatRequest,
 ) -> tuple[web.StreamResponse, str]:
     assert answer.stream is not None
     response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
     await response.prepare(request)
-    encoder = codec.stream_encoder(model)
+    encoder = codec.stream_encoder(model, app_request)
     same_dialect = answer.target.provider.type == codec.dialect
     spec = call.route.spec
     try:

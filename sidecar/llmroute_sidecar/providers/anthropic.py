@@ -234,6 +234,16 @@ class AnthropicAdapter(Adapter):
         body = dict(app_body)
         if request.system_override is not None:
             body["system"] = request.system_override
+        # The neutral fields were decoded from this body, then the target's params applied on top:
+        # writing them back changes nothing the app set, unless the policy says otherwise.
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop_sequences"] = request.stop
         if request.prefill:
             messages = body.get("messages")
             body["messages"] = _with_prefill(messages if isinstance(messages, list) else [], request.prefill)
@@ -624,7 +634,7 @@ class AnthropicAppCodec(AppCodec):
             },
         }
 
-    def stream_encoder(self, model: str) -> AppStreamEncoder:
+    def stream_encoder(self, model: str, request: ChatRequest | None = None) -> AppStreamEncoder:
         return AnthropicAppStreamEncoder(model)
 
     def error_body(self, status: int, error_type: str, message: str) -> dict[str, Any]:

@@ -264,7 +264,8 @@ class AppCodec:
         """A neutral answer -> the dialect's response body (`model`: what the app asked for)."""
         raise NotImplementedError  # provider-specific
 
-    def stream_encoder(self, model: str) -> AppStreamEncoder:
+    def stream_encoder(self, model: str, request: ChatRequest | None = None) -> AppStreamEncoder:
+        """`request`: the app's decoded request, for stream options (OpenAI's include_usage)."""
         raise NotImplementedError  # provider-specific
 
     def error_body(self, status: int, error_type: str, message: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ Duration = Annotated[
     float,
     BeforeValidator(_to_seconds),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "maxLength": 32}),
     Field(ge=0),
 ]
 """A Go-style duration string (`250ms`, `8s`, `1m`), held as float seconds."""
@@ -69,7 +69,11 @@ class Model(BaseModel):
     """Strict camelCase model: unknown fields are errors (a typo must not silently do nothing)."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,  # field docstrings become the CRD's descriptions
     )
 
 
@@ -100,7 +104,7 @@ class StatusPage(Model):
     poll_interval: Duration = 30.0
     shed_on: list[str] = Field(default_factory=lambda: ["major_outage"], max_length=16)
     """Statuses that shed all traffic (page indicators: `major`, `critical`)."""
-    partial_shed: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    partial_shed: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict, max_length=16)
     """Statuses that shed a share of traffic, e.g. `{partial_outage: 0.5}`."""
     confirm_after: int = Field(default=2, ge=1, le=20)
     """Consecutive polls showing a shedding state before traffic is shed (hysteresis)."""
@@ -172,8 +176,8 @@ class Quorum(Model):
     """
 
     sample: float = Field(default=0.0, ge=0, le=1)
-    when_header: dict[str, str] = Field(default_factory=dict)
-    targets: list[Name] = Field(default_factory=list)
+    when_header: dict[str, str] = Field(default_factory=dict, max_length=16)
+    targets: list[Name] = Field(default_factory=list, max_length=16)
     """Targets called in parallel (default: all of the route's targets)."""
     pick: Literal["first", "best"] = "first"
     """`first`: first valid answer wins, losers cancelled; `best`: within `grace`, by target order."""
@@ -191,7 +195,7 @@ class Route(Model):
     deadline: Duration | None = None
     """Overall: no attempt on any target starts after it (default: 2 x budget). Capped by client hints."""
     backoff: Backoff = Field(default_factory=Backoff)
-    retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON), max_length=32)
     attempt_timeout: Duration = 30.0
     """Per upstream attempt: until the response headers (streams: the first content event)."""
     fallback_retries: int = Field(default=1, ge=0, le=5)
@@ -246,7 +250,7 @@ class PolicySpec(Model):
     routes: list[Route] = Field(min_length=1, max_length=128)
     retry_budget: RetryBudget = Field(default_factory=RetryBudget)
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
-    pricing: dict[str, Price] = Field(default_factory=dict)
+    pricing: dict[str, Price] = Field(default_factory=dict, max_length=256)
     telemetry: Telemetry = Field(default_factory=Telemetry)
 
     def provider(self, name: str) -> Provider:

@@ -1,0 +1,23 @@
+"""llmroute operator: turns LLMRoutePolicy objects into sidecar config and injects the sidecar.
+
+Two processes share this package. The reconciler (`handlers.run_operator`, kopf) renders each policy
+into a ConfigMap the sidecars read, and reports on the policy's status. The admission server
+(`webhooks.run_webhook`, aiohttp) injects the sidecar into annotated pods and relays providers'
+status pages to them. The pure parts (`reconcile`, `injection`) hold the logic; the process modules
+only move objects between those functions and the Kubernetes API. The policy model itself is the
+sidecar's (`llmroute_sidecar.policy`): the operator never parses a policy its own way.
+"""
+
+GROUP = "llmroute.dev"
+VERSION = "v1alpha1"
+PLURAL = "llmroutepolicies"
+KIND = "LLMRoutePolicy"
+
+POLICY_ANNOTATION = f"{GROUP}/policy"
+"""On a pod (template): the name of the LLMRoutePolicy, in the pod's namespace, to inject."""
+INJECT_ANNOTATION = f"{GROUP}/inject"
+"""On a pod: `"false"` opts out of injection even when a policy is named."""
+INJECTED_ANNOTATION = f"{GROUP}/injected"
+"""Written by the webhook: `<policy>@<configHash>`; its presence makes re-admission a no-op."""
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+"""On the rendered ConfigMap: the configHash of the policy it was rendered from."""

@@ -1,0 +1,170 @@
+"""The pod mutation, as one pure function: a pod in, the injected pod out.
+
+The admission server calls `inject` and turns the difference into a JSONPatch (`json_patch`);
+nothing here talks to the network, so every rule is tested on plain dicts:
+
+- the sidecar is a native sidecar (first `initContainers` entry with `restartPolicy: Always`): it
+  starts before the app and stops after it;
+- it reads `policy.json` from the policy's ConfigMap, mounted read-only as a whole directory (a
+  `subPath` mount would never see updates);
+- the provider keys reach the sidecar only, as `secretKeyRef` env vars (optional: a missing key
+  degrades that provider, the policy's MissingSecret condition says why, and the pod still starts);
+- app containers get the sidecar's URLs and placeholder SDK keys, each only where they do not set
+  the variable themselves;
+- `llmroute.dev/injected: <policy>@<configHash>` marks the pod, so re-admission changes nothing.
+
+The sidecar listens on loopback only (it spends the keys; no other pod may reach it), so its probes
+are exec probes making the HTTP GET from inside the pod: a kubelet `httpGet` goes to the pod IP.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from llmroute_sidecar.policy import LoadedPolicy, key_env_var
+
+from . import INJECT_ANNOTATION, INJECTED_ANNOTATION, POLICY_ANNOTATION
+from .reconcile import configmap_name
+from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_PORT, Settings
+
+SIDECAR_NAME = "llmroute"
+POLICY_VOLUME = "llmroute-policy"
+TMP_VOLUME = "llmroute-tmp"
+PLACEHOLDER_KEY = "llmroute-sidecar-holds-the-key"
+SIDECAR_URL = f"http://127.0.0.1:{SIDECAR_PORT}"
+
+APP_ENV: dict[str, str] = {
+    "LLMROUTE_URL": SIDECAR_URL,
+    "ANTHROPIC_BASE_URL": f"{SIDECAR_URL}/anthropic",
+    "OPENAI_BASE_URL": f"{SIDECAR_URL}/openai/v1",
+    "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+    "OPENAI_API_KEY": PLACEHOLDER_KEY,
+}
+"""Set in every app container unless it sets the variable itself."""
+
+_PROBE_SCRIPT = f"import sys, urllib.request; urllib.request.urlopen('{SIDECAR_URL}' + sys.argv[1], timeout=2)"
+
+
+def requested_policy(pod: Mapping[str, Any]) -> str | None:
+    """The policy a pod asks for, or None: no annotation, opted out, or injected already."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    name = annotations.get(POLICY_ANNOTATION)
+    if not name or str(annotations.get(INJECT_ANNOTATION, "")).strip().lower() == "false":
+        return None
+    if is_injected(pod):
+        return None
+    return str(name)
+
+
+def is_injected(pod: Mapping[str, Any]) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    init_containers = (pod.get("spec") or {}).get("initContainers") or []
+    return INJECTED_ANNOTATION in annotations or any(c.get("name") == SIDECAR_NAME for c in init_containers)
+
+
+def _probe(path: str, *, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
+    return {
+        "exec": {"command": ["python", "-c", _PROBE_SCRIPT, path]},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
+    """The injected container (pure: the same policy and settings give the same container)."""
+    env: list[dict[str, Any]] = [
+        {"name": "LLMROUTE_LISTEN", "value": SIDECAR_LISTEN},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    ]
+    if settings.status_relay:
+        env.append({"name": "LLMROUTE_STATUS_RELAY", "value": settings.status_relay})
+    for provider in policy.spec.providers:
+        ref = provider.api_key.secret_key_ref if provider.api_key else None
+        if ref is not None:
+            env.append(
+                {
+                    "name": key_env_var(provider.name),
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}},
+                }
+            )
+    return {
+        "name": SIDECAR_NAME,
+        "image": settings.sidecar_image,
+        "imagePullPolicy": settings.sidecar_image_pull_policy,
+        "restartPolicy": "Always",
+        "args": ["sidecar", "--policy", POLICY_FILE],
+        "env": env,
+        "volumeMounts": [
+            {"name": POLICY_VOLUME, "mountPath": POLICY_MOUNT_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "startupProbe": _probe("/healthz", period=1, failures=60),
+        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        "livenessProbe": _probe("/healthz", period=10, failures=3, timeout=5),
+        "resources": copy.deepcopy(settings.sidecar_resources),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.sidecar_user,
+            "runAsGroup": settings.sidecar_user,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def inject(pod: Mapping[str, Any], policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
+    """The pod with the sidecar of `policy` injected; an injected or opted-out pod comes back equal."""
+    result = copy.deepcopy(dict(pod))
+    if is_injected(pod) or requested_policy(pod) is None:
+        return result
+    metadata = result.setdefault("metadata", {})
+    annotations = metadata.get("annotations") or {}
+    metadata["annotations"] = {**annotations, INJECTED_ANNOTATION: f"{policy.name}@{policy.config_hash}"}
+    spec = result.setdefault("spec", {})
+    spec["initContainers"] = [sidecar_container(policy, settings), *(spec.get("initContainers") or [])]
+    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in (POLICY_VOLUME, TMP_VOLUME)]
+    spec["volumes"] = [
+        *volumes,
+        {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(policy.name)}},
+        {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+    containers = []
+    for container in spec.get("containers") or []:
+        env = list(container.get("env") or [])
+        own = {entry.get("name") for entry in env}
+        env += [{"name": name, "value": value} for name, value in APP_ENV.items() if name not in own]
+        containers.append({**container, "env": env})
+    spec["containers"] = containers
+    return result
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
+    """RFC 6902 operations turning `old` into `new`: objects are diffed key by key, lists replaced.
+
+    Lists are replaced whole: an admission patch applies to exactly the object it was computed from,
+    and a whole list reads better in audit logs than index arithmetic.
+    """
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        ops: list[dict[str, Any]] = []
+        for key in old:
+            if key not in new:
+                ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
+        for key, value in new.items():
+            child = f"{path}/{_escape(key)}"
+            if key not in old:
+                ops.append({"op": "add", "path": child, "value": value})
+            elif old[key] != value:
+                ops.extend(json_patch(old[key], value, child))
+        return ops
+    if old == new:
+        return []
+    return [{"op": "replace", "path": path, "value": new}]

@@ -1,0 +1,142 @@
+"""The few Kubernetes API calls kopf does not make for us, as plain dicts in and out.
+
+kopf watches and patches the policies it serves, but creates nothing and reads nothing else. The
+reconciler still has to create and patch ConfigMaps and look at Secrets, and the admission server
+has to read policies; both go through `KubeApi`, a thin layer over the official client's asyncio
+flavour (`kubernetes.aio`), so the code above it never sees generated models or URLs.
+
+Credentials: in a pod, the service account (the client re-reads the rotating token itself);
+elsewhere, the kubeconfig like kubectl; or an explicit `kopf.ConnectionInfo` (tests, local runs),
+which the reconciler also hands to kopf so both talk to the same server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes.aio import client as kube
+from kubernetes.aio import config as kube_config
+
+from . import GROUP, PLURAL, VERSION
+
+
+class KubeApiError(RuntimeError):
+    """An API call failed for a reason other than "not found"; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubernetes API answered {status}: {message}")
+        self.status = status
+
+
+def configuration_from(connection: kopf.ConnectionInfo) -> kube.Configuration:
+    """A client configuration for an explicit endpoint and credentials."""
+    if connection.certificate_data or connection.private_key_data:
+        raise ValueError("client certificates must be given as files (certificate_path, private_key_path)")
+    ca_data = connection.ca_data.decode() if isinstance(connection.ca_data, bytes) else connection.ca_data
+    configuration = kube.Configuration(
+        host=connection.server.rstrip("/"),
+        ssl_ca_cert=str(connection.ca_path) if connection.ca_path else None,
+        ca_cert_data=ca_data,
+        cert_file=str(connection.certificate_path) if connection.certificate_path else None,
+        key_file=str(connection.private_key_path) if connection.private_key_path else None,
+        verify_ssl=not connection.insecure,
+        username=connection.username,
+        password=connection.password,
+    )
+    if connection.token:
+        configuration.api_key = {"BearerToken": connection.token}
+        configuration.api_key_prefix = {"BearerToken": connection.scheme or "Bearer"}
+    return configuration
+
+
+async def load_configuration() -> kube.Configuration:
+    """In a pod: the service account; elsewhere: the current kubeconfig context."""
+    configuration = kube.Configuration()
+    try:
+        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except kube_config.ConfigException:
+        await kube_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return configuration
+
+
+class KubeApi:
+    """ConfigMaps, Secrets (existence and key names only) and LLMRoutePolicies, as plain dicts."""
+
+    def __init__(self, api_client: kube.ApiClient) -> None:
+        self._client = api_client
+        self._core = kube.CoreV1Api(api_client)
+        self._custom = kube.CustomObjectsApi(api_client)
+
+    @classmethod
+    async def connect(cls, connection: kopf.ConnectionInfo | None = None) -> KubeApi:
+        """A client for `connection`, or for the ambient credentials when None."""
+        configuration = configuration_from(connection) if connection else await load_configuration()
+        return cls(kube.ApiClient(configuration))
+
+    async def close(self) -> None:
+        await self._client.close()  # type: ignore[no-untyped-call]
+
+    def _plain(self, model: Any) -> dict[str, Any]:
+        plain = self._client.sanitize_for_serialization(model)  # type: ignore[no-untyped-call]
+        return dict(plain) if isinstance(plain, Mapping) else {}
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._plain(await self._core.read_namespaced_config_map(name, namespace))
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+            return None
+
+    async def create_configmap(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            configmap = kube.V1ConfigMap.from_dict(dict(body))
+            assert configmap is not None
+            return self._plain(await self._core.create_namespaced_config_map(namespace, configmap))
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+
+    async def patch_configmap(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            result = await self._core.patch_namespaced_config_map(
+                name, namespace, dict(patch), _content_type="application/merge-patch+json"
+            )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return self._plain(result)
+
+    async def read_secret_keys(self, namespace: str, name: str) -> list[str] | None:
+        """The key names a Secret holds (never the values), or None when there is no such Secret."""
+        try:
+            secret = await self._core.read_namespaced_secret(name, namespace)
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+            return None
+        return sorted({*(secret.data or {}), *(secret.string_data or {})})
+
+    async def read_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+            return None
+        return dict(found) if isinstance(found, Mapping) else None
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        """Every LLMRoutePolicy the credentials may list, in all namespaces."""
+        try:
+            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        items = found.get("items") if isinstance(found, Mapping) else None
+        return [dict(item) for item in items or [] if isinstance(item, Mapping)]
+
+
+def _raise_unless_missing(exc: kube.ApiException) -> None:
+    if exc.status != 404:
+        raise _error(exc) from None
+
+
+def _error(exc: kube.ApiException) -> KubeApiError:
+    return KubeApiError(int(exc.status or 0), str(exc.reason or exc))

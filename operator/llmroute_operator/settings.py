@@ -1,0 +1,159 @@
+"""Typed settings of the operator and the admission server, read once from the environment.
+
+The chart configures both processes through `LLMROUTE_*` environment variables; this module is the
+only place that reads them, so every knob has one name, one type, one default and one docstring.
+A malformed value is a `SettingsError` at start-up, never a surprise at the first admission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llmroute_sidecar import __version__
+
+SIDECAR_PORT = 8787
+"""The sidecar listens on loopback only: it holds the provider keys, so no other pod may reach it."""
+SIDECAR_LISTEN = f"127.0.0.1:{SIDECAR_PORT}"
+POLICY_MOUNT_DIR = "/etc/llmroute"
+POLICY_FILE = f"{POLICY_MOUNT_DIR}/policy.json"
+
+DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"memory": "256Mi"},
+}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the operator and the webhook take from their environment."""
+
+    namespaces: tuple[str, ...] = ()
+    """`LLMROUTE_NAMESPACES`, comma-separated: namespaces the reconciler serves (kopf globs allowed);
+    empty: all namespaces (cluster-wide)."""
+
+    peering: str | None = None
+    """`LLMROUTE_PEERING`: the kopf peering object shared by reconciler replicas (needs kopf's
+    peering CRD); unset: standalone, for the single-replica reconciler the chart deploys."""
+
+    health_port: int = 8081
+    """`LLMROUTE_HEALTH_PORT`: the reconciler's liveness endpoint, `GET /healthz`."""
+
+    secret_recheck_interval: float = 5.0
+    """`LLMROUTE_SECRET_RECHECK_INTERVAL` (seconds): how often a policy whose Secrets are missing is
+    checked again, so the MissingSecret condition clears soon after the Secret appears."""
+
+    webhook_port: int = 8443
+    """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""
+
+    relay_port: int = 8080
+    """`LLMROUTE_RELAY_PORT`: the status relay for sidecars (`GET /v1/statuspages`), plain HTTP."""
+
+    webhook_tls_dir: str = "/etc/llmroute/tls"
+    """`LLMROUTE_WEBHOOK_TLS_DIR`: holds `tls.crt` and `tls.key`; without them the admission server
+    speaks plain HTTP (local runs and tests only: the API server requires TLS)."""
+
+    unknown_policy: Literal["refuse", "allow"] = "refuse"
+    """`LLMROUTE_UNKNOWN_POLICY`: a pod naming a policy that does not exist (or is invalid) is
+    refused with a message saying so (`refuse`), or admitted without the sidecar (`allow`)."""
+
+    policy_cache_ttl: float = 5.0
+    """`LLMROUTE_POLICY_CACHE_TTL` (seconds): how long the webhook reuses a policy it read, so a
+    Deployment scaling to 100 pods costs one API read, and an edit is picked up within seconds."""
+
+    relay_refresh_interval: float = 30.0
+    """`LLMROUTE_RELAY_REFRESH_INTERVAL` (seconds): how often the webhook lists all policies to
+    learn which status pages the relay polls."""
+
+    sidecar_image: str = f"ghcr.io/llmroute/llmroute:{__version__}"
+    """`LLMROUTE_SIDECAR_IMAGE`: the image of the injected sidecar (the chart passes its own)."""
+
+    sidecar_image_pull_policy: str = "IfNotPresent"
+    """`LLMROUTE_SIDECAR_IMAGE_PULL_POLICY`."""
+
+    status_relay: str | None = None
+    """`LLMROUTE_STATUS_RELAY`: the relay's URL given to injected sidecars (e.g.
+    `http://llmroute-relay.llmroute-system.svc:8080`); unset: sidecars poll status pages directly."""
+
+    sidecar_resources: dict[str, dict[str, str]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    """`LLMROUTE_SIDECAR_RESOURCES`, JSON: the sidecar container's `resources`."""
+
+    sidecar_user: int = 65532
+    """`LLMROUTE_SIDECAR_USER`: the numeric uid and gid the sidecar runs as (non-root)."""
+
+    skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
+    """`LLMROUTE_SKIP_NAMESPACES`, comma-separated: never injected, whatever the chart's selector."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings; unset or empty variables keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def get(name: str) -> str | None:
+            raw = env.get(name, "").strip()
+            return raw or None
+
+        def number(name: str, key: str, kind: type[int] | type[float]) -> None:
+            raw = get(name)
+            if raw is None:
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+            if value < 0:
+                raise SettingsError(f"{name}: must not be negative, got {raw!r}")
+            values[key] = value
+
+        def names(name: str, key: str) -> None:
+            raw = get(name)
+            if raw is not None:
+                values[key] = tuple(part.strip() for part in raw.split(",") if part.strip())
+
+        names("LLMROUTE_NAMESPACES", "namespaces")
+        names("LLMROUTE_SKIP_NAMESPACES", "skip_namespaces")
+        values["peering"] = get("LLMROUTE_PEERING")
+        number("LLMROUTE_HEALTH_PORT", "health_port", int)
+        number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
+        number("LLMROUTE_RELAY_PORT", "relay_port", int)
+        number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
+        number("LLMROUTE_POLICY_CACHE_TTL", "policy_cache_ttl", float)
+        number("LLMROUTE_RELAY_REFRESH_INTERVAL", "relay_refresh_interval", float)
+        number("LLMROUTE_SIDECAR_USER", "sidecar_user", int)
+        for name, key in (
+            ("LLMROUTE_WEBHOOK_TLS_DIR", "webhook_tls_dir"),
+            ("LLMROUTE_SIDECAR_IMAGE", "sidecar_image"),
+            ("LLMROUTE_SIDECAR_IMAGE_PULL_POLICY", "sidecar_image_pull_policy"),
+            ("LLMROUTE_STATUS_RELAY", "status_relay"),
+        ):
+            if (raw := get(name)) is not None:
+                values[key] = raw
+        unknown = get("LLMROUTE_UNKNOWN_POLICY")
+        if unknown is not None:
+            if unknown not in ("refuse", "allow"):
+                raise SettingsError(f"LLMROUTE_UNKNOWN_POLICY: expected refuse or allow, got {unknown!r}")
+            values["unknown_policy"] = unknown
+        resources = get("LLMROUTE_SIDECAR_RESOURCES")
+        if resources is not None:
+            values["sidecar_resources"] = _parse_resources(resources)
+        return cls(**values)
+
+
+def _parse_resources(raw: str) -> dict[str, dict[str, str]]:
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise SettingsError("LLMROUTE_SIDECAR_RESOURCES: not valid JSON") from None
+    if not isinstance(parsed, dict) or not all(
+        key in ("requests", "limits") and isinstance(value, dict) for key, value in parsed.items()
+    ):
+        raise SettingsError('LLMROUTE_SIDECAR_RESOURCES: expected {"requests": {...}, "limits": {...}}')
+    return {key: {str(k): str(v) for k, v in value.items()} for key, value in parsed.items()}

@@ -1,0 +1,257 @@
+"""The real kopf reconciler, in its own thread and event loop, against the emulated API server.
+
+What a platform team sees after `kubectl apply`: the ConfigMap the sidecars mount, the policy's
+status and conditions, Events for problems, and clean deletion. Garbage collection of the ConfigMap
+is Kubernetes' job (not emulated): the tests check the owner reference that makes it happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kopf
+import pytest_asyncio
+
+from llmroute_operator import handlers
+from llmroute_operator.settings import Settings
+from llmroute_sidecar.policy import load_policy, render_sidecar_config
+
+from .conftest import (
+    CONFIGMAPS,
+    EVENTS,
+    NAMESPACE,
+    POLICIES,
+    POLICY_URL,
+    SECRET_URL,
+    eventually,
+    policy_body,
+    secret_body,
+)
+from .kube_emulator import KubeEmulator
+
+
+def stored(kube: KubeEmulator, resource: Any, name: str) -> dict[str, Any] | None:
+    """The object as the API server holds it now, or None."""
+    for (res, namespace, obj_name), obj in kube.objects.items():
+        if res == resource and namespace == NAMESPACE and obj_name == name and not obj.deleted:
+            return obj.raw
+    return None
+
+
+def condition(kube: KubeEmulator, name: str, kind: str) -> dict[str, Any] | None:
+    body = stored(kube, POLICIES, name) or {}
+    return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def events(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
+    return [
+        obj.raw
+        for (res, _, _), obj in kube.objects.items()
+        if res == EVENTS and not obj.deleted and obj.raw.get("involvedObject", {}).get("name") == name
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_operator(kube: KubeEmulator) -> AsyncIterator[None]:
+    """kopf running the reconciler's registry against `kube`, stopped (and awaited) on exit."""
+    settings = Settings()
+    memo = handlers.OperatorMemo(settings=settings, connection=kopf.ConnectionInfo(server=str(kube.url).rstrip("/")))
+    options = {**handlers.operator_options(settings), "liveness_endpoint": None}
+    stop, ready = threading.Event(), threading.Event()
+    coroutine = kopf.operator(memo=memo, stop_flag=stop, ready_flag=ready, **options)
+    thread = threading.Thread(target=asyncio.run, args=(coroutine,), name="kopf", daemon=True)
+    thread.start()
+    await eventually(ready.is_set, what="kopf to start")
+    try:
+        yield
+    finally:
+        stop.set()
+        await eventually(lambda: not thread.is_alive(), timeout=20, what="kopf to stop")
+
+
+@pytest_asyncio.fixture()
+async def operator(kube: KubeEmulator) -> AsyncIterator[None]:
+    async with running_operator(kube):
+        yield
+
+
+async def apply(kube: KubeEmulator, url: str, body: dict[str, Any]) -> None:
+    async with kube.post(url, json=body) as response:
+        assert response.status in (200, 201), await response.text()
+
+
+async def merge_patch(kube: KubeEmulator, url: str, patch: dict[str, Any]) -> None:
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with kube.patch(url, data=json.dumps(patch), headers=headers) as response:
+        assert response.status == 200, await response.text()
+
+
+async def test_a_new_policy_gets_its_configmap_and_a_ready_status(kube: KubeEmulator, operator: None) -> None:
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+
+    configmap = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    ready = await eventually(
+        lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True" and c, what="Ready"
+    )
+
+    policy = stored(kube, POLICIES, "support-bot")
+    assert policy is not None
+    loaded = load_policy(policy)
+    assert json.loads(configmap["data"]["policy.json"]) == render_sidecar_config(loaded)
+    assert "llm-keys" not in configmap["data"]["policy.json"]  # env var names, not Secret references
+    [owner] = configmap["metadata"]["ownerReferences"]
+    assert owner["uid"] == policy["metadata"]["uid"]
+    assert owner["kind"] == "LLMRoutePolicy" and owner["controller"] is True
+    assert configmap["metadata"]["annotations"]["llmroute.dev/config-hash"] == loaded.config_hash
+
+    status = policy["status"]
+    assert status["observedGeneration"] == 1
+    assert status["configHash"] == loaded.config_hash
+    assert status["configMap"] == "support-bot-llmroute"
+    assert status["routes"] == ["chat"]
+    assert ready["observedGeneration"] == 1 and ready["reason"] == "Reconciled"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True",
+        "HotHotRouting": "False",
+        "BudgetOutOfRange": "False",
+        "MissingSecret": "False",
+    }
+    assert "kopf" not in status  # kopf's bookkeeping stays in annotations, out of the CRD's status
+
+
+async def test_an_updated_policy_updates_the_configmap_and_the_status(kube: KubeEmulator, operator: None) -> None:
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True")
+    first_hash = stored(kube, POLICIES, "support-bot")["status"]["configHash"]  # type: ignore[index]
+    ready_since = condition(kube, "support-bot", "Ready")["lastTransitionTime"]  # type: ignore[index]
+
+    spec = policy_body()["spec"]
+    spec["routes"][0]["budget"] = "20s"
+    await merge_patch(kube, f"{POLICY_URL}/support-bot", {"spec": spec})
+
+    await eventually(
+        lambda: stored(kube, POLICIES, "support-bot")["status"]["observedGeneration"] == 2,  # type: ignore[index]
+        what="generation 2 observed",
+    )
+    policy = stored(kube, POLICIES, "support-bot")
+    assert policy is not None
+    loaded = load_policy(policy)
+    assert loaded.config_hash != first_hash
+    assert policy["status"]["configHash"] == loaded.config_hash
+    configmap = await eventually(
+        lambda: (
+            (cm := stored(kube, CONFIGMAPS, "support-bot-llmroute"))
+            and json.loads(cm["data"]["policy.json"])["spec"]["routes"][0]["budget"] == "20s"
+            and cm
+        ),
+        what="the ConfigMap to follow",
+    )
+    assert json.loads(configmap["data"]["policy.json"]) == render_sidecar_config(loaded)
+    budget = condition(kube, "support-bot", "BudgetOutOfRange")
+    assert budget is not None and budget["status"] == "True" and "spec.routes[0].budget" in budget["message"]
+    ready = condition(kube, "support-bot", "Ready")
+    assert ready is not None and ready["status"] == "True" and ready["observedGeneration"] == 2
+    assert ready["lastTransitionTime"] == ready_since  # still True: no transition
+
+
+async def test_an_invalid_policy_is_not_ready_names_the_field_and_posts_an_event(
+    kube: KubeEmulator, operator: None
+) -> None:
+    body = policy_body("typo")
+    body["spec"]["routes"][0]["targets"][1]["provider"] = "gtp"
+    await apply(kube, POLICY_URL, body)
+
+    ready = await eventually(lambda: condition(kube, "typo", "Ready"), what="a Ready condition")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "InvalidPolicy"
+    assert 'spec.routes[0].targets[1].provider: unknown provider "gtp"' in ready["message"]
+    warning = await eventually(
+        lambda: [e for e in events(kube, "typo") if e.get("reason") == "InvalidPolicy"], what="an Event"
+    )
+    assert warning[0]["type"] == "Warning"
+    assert "spec.routes[0].targets[1].provider" in warning[0]["message"]
+    assert stored(kube, CONFIGMAPS, "typo-llmroute") is None
+
+
+async def test_a_missing_secret_is_reported_until_the_secret_appears(kube: KubeEmulator, operator: None) -> None:
+    await apply(kube, POLICY_URL, policy_body())
+
+    missing = await eventually(
+        lambda: (c := condition(kube, "support-bot", "MissingSecret")) and c["status"] == "True" and c,
+        what="MissingSecret",
+    )
+    assert 'Secret "llm-keys" not found' in missing["message"]
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+    await eventually(lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "MissingSecret"])
+
+    await apply(kube, SECRET_URL, secret_body())
+
+    await eventually(
+        lambda: condition(kube, "support-bot", "MissingSecret")["status"] == "False",  # type: ignore[index]
+        what="MissingSecret to clear",
+    )
+
+
+async def test_a_deleted_policy_is_released_even_while_its_finalizer_is_held(
+    kube: KubeEmulator, operator: None
+) -> None:
+    # While a Secret is missing, kopf's timer holds a finalizer on the policy: deletion must stop the
+    # timer and release it. The ConfigMap is then the garbage collector's, by its owner reference.
+    await apply(kube, POLICY_URL, policy_body())
+    await eventually(
+        lambda: "llmroute.dev/finalizer" in stored(kube, POLICIES, "support-bot")["metadata"]["finalizers"],  # type: ignore[index]
+        what="the finalizer",
+    )
+
+    async with kube.delete(f"{POLICY_URL}/support-bot") as response:
+        assert response.status == 200
+
+    await eventually(lambda: stored(kube, POLICIES, "support-bot") is None, what="the policy to be gone")
+    history = [v for (res, _, _), obj in kube.objects.items() if res == POLICIES for v in obj.history if v]
+    assert any(v["metadata"].get("deletionTimestamp") for v in history)  # deleted via the finalizer path
+    configmap = stored(kube, CONFIGMAPS, "support-bot-llmroute")
+    assert configmap is not None
+    [owner] = configmap["metadata"]["ownerReferences"]
+    assert owner["blockOwnerDeletion"] is True and owner["name"] == "support-bot"
+
+
+async def test_a_restarted_operator_leaves_an_unchanged_configmap_alone(kube: KubeEmulator) -> None:
+    await apply(kube, SECRET_URL, secret_body())
+    async with running_operator(kube):
+        await apply(kube, POLICY_URL, policy_body())
+        await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True")
+    configmap_versions = len(kube.objects[CONFIGMAPS, NAMESPACE, "support-bot-llmroute"].history)
+    resumes = len(kube.objects[POLICIES, NAMESPACE, "support-bot"].history)
+
+    async with running_operator(kube):  # resume: every existing policy is reconciled again
+        await eventually(
+            lambda: len(kube.objects[POLICIES, NAMESPACE, "support-bot"].history) > resumes, what="the resume"
+        )
+
+    assert len(kube.objects[CONFIGMAPS, NAMESPACE, "support-bot-llmroute"].history) == configmap_versions
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+
+
+async def test_a_foreign_configmap_of_the_same_name_is_not_overwritten(kube: KubeEmulator, operator: None) -> None:
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "support-bot-llmroute"},
+        "data": {"a": "b"},
+    }
+    await apply(kube, f"/api/v1/namespaces/{NAMESPACE}/configmaps", foreign)
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+
+    ready = await eventually(lambda: condition(kube, "support-bot", "Ready"), what="a Ready condition")
+
+    assert (ready["status"], ready["reason"]) == ("False", "ConfigMapConflict")
+    assert stored(kube, CONFIGMAPS, "support-bot-llmroute")["data"] == {"a": "b"}  # type: ignore[index]
+    await eventually(lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "ConfigMapConflict"])

@@ -1,0 +1,151 @@
+"""The pod mutation as a pure function: assertions on the patched pod, never on patch text."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonpatch
+
+from llmroute_operator.injection import PLACEHOLDER_KEY, inject, json_patch, requested_policy
+from llmroute_operator.settings import Settings
+from llmroute_sidecar.policy import LoadedPolicy, load_policy
+
+from .conftest import policy_body
+
+SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", status_relay="http://relay.llmroute:8080")
+
+
+def a_pod(**annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "support-bot-7d9f-",
+            "labels": {"app": "support-bot"},
+            "annotations": {"llmroute.dev/policy": "support-bot", **annotations},
+        },
+        "spec": {
+            "initContainers": [{"name": "migrate", "image": "app:1"}],
+            "containers": [
+                {"name": "app", "image": "app:1", "env": [{"name": "OPENAI_BASE_URL", "value": "http://mine"}]},
+                {"name": "worker", "image": "app:1"},
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+
+
+def policy() -> LoadedPolicy:
+    body = policy_body()
+    body["metadata"]["generation"] = 2
+    return load_policy(body)
+
+
+def patched(pod: dict[str, Any]) -> dict[str, Any]:
+    """What the API server stores: the webhook's patch applied to the pod it was given."""
+    patch = json_patch(pod, inject(pod, policy(), SETTINGS))
+    result: dict[str, Any] = jsonpatch.apply_patch(pod, patch, in_place=False)
+    return result
+
+
+def env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_the_sidecar_is_a_native_sidecar_started_before_the_other_init_containers() -> None:
+    pod = patched(a_pod())
+
+    sidecar, migrate = pod["spec"]["initContainers"]
+    assert migrate["name"] == "migrate"
+    assert sidecar["name"] == "llmroute"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == "registry.example/llmroute:1.2.3"
+    assert sidecar["args"] == ["sidecar", "--policy", "/etc/llmroute/policy.json"]
+    assert pod["metadata"]["annotations"]["llmroute.dev/injected"] == f"support-bot@{policy().config_hash}"
+
+
+def test_the_policy_configmap_is_mounted_read_only_as_a_whole_directory() -> None:
+    pod = patched(a_pod())
+
+    sidecar = pod["spec"]["initContainers"][0]
+    [mount] = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/etc/llmroute"]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes[mount["name"]]["configMap"]["name"] == "support-bot-llmroute"
+    assert "data" in volumes  # the app's own volumes stay
+
+
+def test_provider_keys_reach_the_sidecar_only() -> None:
+    pod = patched(a_pod())
+
+    sidecar_env = env(pod["spec"]["initContainers"][0])
+    assert sidecar_env["LLMROUTE_KEY_CLAUDE"] == {
+        "secretKeyRef": {"name": "llm-keys", "key": "anthropic", "optional": True}
+    }
+    assert sidecar_env["LLMROUTE_KEY_GPT"]["secretKeyRef"]["key"] == "openai"
+    assert sidecar_env["LLMROUTE_LISTEN"] == "127.0.0.1:8787"
+    assert sidecar_env["LLMROUTE_STATUS_RELAY"] == "http://relay.llmroute:8080"
+    for container in pod["spec"]["containers"] + pod["spec"]["initContainers"][1:]:
+        assert not any(name.startswith("LLMROUTE_KEY_") for name in env(container))
+        assert "secretKeyRef" not in str(container)
+
+
+def test_app_containers_get_the_sidecar_urls_and_placeholder_keys_unless_they_set_their_own() -> None:
+    pod = patched(a_pod())
+
+    app, worker = (env(c) for c in pod["spec"]["containers"])
+    assert app["OPENAI_BASE_URL"] == "http://mine"  # the app's own setting is kept
+    assert worker["OPENAI_BASE_URL"] == "http://127.0.0.1:8787/openai/v1"
+    for container_env in (app, worker):
+        assert container_env["LLMROUTE_URL"] == "http://127.0.0.1:8787"
+        assert container_env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8787/anthropic"
+        assert container_env["ANTHROPIC_API_KEY"] == PLACEHOLDER_KEY
+        assert container_env["OPENAI_API_KEY"] == PLACEHOLDER_KEY
+    assert "LLMROUTE_URL" not in env(pod["spec"]["initContainers"][1])  # other init containers untouched
+
+
+def test_the_sidecar_is_probed_hardened_and_bounded() -> None:
+    sidecar = patched(a_pod())["spec"]["initContainers"][0]
+
+    assert sidecar["readinessProbe"]["exec"]["command"][-1] == "/readyz"
+    assert sidecar["startupProbe"]["exec"]["command"][-1] == "/healthz"
+    assert sidecar["livenessProbe"]["exec"]["command"][-1] == "/healthz"
+    assert "127.0.0.1:8787" in " ".join(sidecar["readinessProbe"]["exec"]["command"])
+    security = sidecar["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sidecar["resources"]["requests"]["memory"] and sidecar["resources"]["limits"]["memory"]
+
+
+def test_an_injected_pod_is_returned_unchanged() -> None:
+    once = patched(a_pod())
+
+    assert inject(once, policy(), SETTINGS) == once
+    assert json_patch(once, inject(once, policy(), SETTINGS)) == []
+    assert requested_policy(once) is None
+
+
+def test_opting_out_leaves_the_pod_alone() -> None:
+    pod = a_pod(**{"llmroute.dev/inject": "false"})
+
+    assert requested_policy(pod) is None
+    assert inject(pod, policy(), SETTINGS) == pod
+    assert patched(copy.deepcopy(pod)) == pod
+
+
+def test_a_pod_without_annotations_asks_for_nothing() -> None:
+    assert requested_policy({"metadata": {}, "spec": {"containers": []}}) is None
+
+
+def test_json_patch_escapes_annotation_keys_and_round_trips() -> None:
+    old = {"metadata": {"annotations": {"a/b": "1", "c~d": "2"}}, "spec": {"x": [1, 2]}}
+    new = {"metadata": {"annotations": {"a/b": "3", "e/f": "4"}}, "spec": {"x": [1, 2, 3]}}
+
+    patch = json_patch(old, new)
+
+    assert jsonpatch.apply_patch(old, patch, in_place=False) == new
+    assert {"op": "remove", "path": "/metadata/annotations/c~0d"} in patch

@@ -1,0 +1,324 @@
+"""The admission server as a real HTTP server on loopback, fed real AdmissionReview JSON.
+
+Policies are read from the emulated API server through the same client the webhook uses in a
+cluster; the returned JSONPatch is applied to the pod and the test looks at the resulting pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import kopf
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from llmroute_operator.kubeapi import KubeApi
+from llmroute_operator.settings import Settings
+from llmroute_operator.webhooks import build_webhook_app, serve, tls_context
+
+from .conftest import NAMESPACE, POLICY_URL, policy_body
+from .kube_emulator import KubeEmulator
+
+SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", webhook_tls_dir="/nonexistent")
+
+
+def review(pod: dict[str, Any], *, namespace: str = NAMESPACE, operation: str = "CREATE") -> dict[str, Any]:
+    """An AdmissionReview as the API server sends it for a pod created by a ReplicaSet."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": operation,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def a_pod(policy: str = "support-bot", **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "support-bot-5c7d-",
+            "namespace": NAMESPACE,
+            "annotations": {"llmroute.dev/policy": policy, **annotations},
+        },
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }
+
+
+@pytest_asyncio.fixture()
+async def api(kube: KubeEmulator) -> AsyncIterator[KubeApi]:
+    client = await KubeApi.connect(kopf.ConnectionInfo(server=str(kube.url)))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest_asyncio.fixture()
+async def webhook(api: KubeApi) -> AsyncIterator[Any]:
+    """Start the admission app for given settings; yields a starter returning its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(settings: Settings = SETTINGS) -> str:
+        runner = web.AppRunner(build_webhook_app(settings, api))
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def admit(base_url: str, document: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(f"{base_url}/mutate-pods", json=document) as answer:
+        assert answer.status == 200, await answer.text()
+        reply: dict[str, Any] = await answer.json()
+    assert reply["apiVersion"] == "admission.k8s.io/v1" and reply["kind"] == "AdmissionReview"
+    assert reply["response"]["uid"] == document["request"]["uid"]
+    return reply["response"]
+
+
+def applied(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    """The pod as the API server would store it after this admission response."""
+    assert response["allowed"] is True
+    if "patch" not in response:
+        return pod
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    result: dict[str, Any] = jsonpatch.apply_patch(pod, patch, in_place=False)
+    return result
+
+
+async def create_policy(kube: KubeEmulator, body: dict[str, Any]) -> None:
+    async with kube.post(POLICY_URL, json=body) as response:
+        assert response.status in (200, 201), await response.text()
+
+
+async def test_an_annotated_pod_comes_back_with_the_sidecar(kube: KubeEmulator, webhook: Any) -> None:
+    await create_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod()
+
+    result = applied(pod, await admit(url, review(pod)))
+
+    [sidecar] = result["spec"]["initContainers"]
+    assert sidecar["name"] == "llmroute" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == "registry.example/llmroute:1.2.3"
+    assert {v["name"]: v for v in result["spec"]["volumes"]}["llmroute-policy"]["configMap"] == {
+        "name": "support-bot-llmroute"
+    }
+    app_env = {e["name"]: e["value"] for e in result["spec"]["containers"][0]["env"]}
+    assert app_env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8787/anthropic"
+    assert result["metadata"]["annotations"]["llmroute.dev/injected"].startswith("support-bot@")
+
+
+async def test_readmitting_an_injected_pod_changes_nothing(kube: KubeEmulator, webhook: Any) -> None:
+    await create_policy(kube, policy_body())
+    url = await webhook()
+    once = applied(a_pod(), await admit(url, review(a_pod())))
+
+    response = await admit(url, review(once))
+
+    assert response["allowed"] is True and "patch" not in response
+    assert applied(once, response) == once
+
+
+async def test_an_opted_out_pod_is_admitted_untouched(kube: KubeEmulator, webhook: Any) -> None:
+    await create_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod(**{"llmroute.dev/inject": "false"})
+
+    response = await admit(url, review(pod))
+
+    assert response["allowed"] is True and "patch" not in response
+
+
+async def test_a_pod_without_the_annotation_is_not_looked_at(webhook: Any) -> None:
+    url = await webhook()
+    pod = {"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+
+    response = await admit(url, review(pod))
+
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_an_unknown_policy_is_refused_with_a_clear_message(webhook: Any) -> None:
+    url = await webhook()
+
+    response = await admit(url, review(a_pod("nope")))
+
+    assert response["allowed"] is False
+    assert response["status"]["message"] == 'llmroute: LLMRoutePolicy "nope" not found in namespace "apps"'
+    assert "patch" not in response
+
+
+async def test_an_unknown_policy_is_admitted_uninjected_when_the_chart_allows_it(webhook: Any) -> None:
+    url = await webhook(replace(SETTINGS, unknown_policy="allow"))
+
+    response = await admit(url, review(a_pod("nope")))
+
+    assert response["allowed"] is True and "patch" not in response
+    assert "without the llmroute sidecar" in response["warnings"][0]
+
+
+async def test_an_invalid_policy_is_refused_with_its_field_path(kube: KubeEmulator, webhook: Any) -> None:
+    body = policy_body("broken")
+    body["spec"]["routes"][0]["targets"][0]["provider"] = "nope"
+    await create_policy(kube, body)
+    url = await webhook()
+
+    response = await admit(url, review(a_pod("broken")))
+
+    assert response["allowed"] is False
+    assert 'spec.routes[0].targets[0].provider: unknown provider "nope"' in response["status"]["message"]
+
+
+async def test_other_operations_and_system_namespaces_pass_through(kube: KubeEmulator, webhook: Any) -> None:
+    url = await webhook()
+
+    assert (await admit(url, review(a_pod("nope"), operation="UPDATE")))["allowed"] is True
+    assert (await admit(url, review(a_pod("nope"), namespace="kube-system")))["allowed"] is True
+
+
+async def test_a_malformed_review_is_a_client_error(webhook: Any) -> None:
+    url = await webhook()
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/mutate-pods", data=b"{nope") as answer:
+        assert answer.status == 400
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_the_webhook_process_serves_admission_health_and_the_status_relay(
+    kube: KubeEmulator, api: KubeApi
+) -> None:
+    pytest.importorskip("llmroute_sidecar.statusrelay")
+    polls = 0
+
+    async def summary(request: web.Request) -> web.Response:
+        nonlocal polls
+        polls += 1
+        return web.json_response({"page": {"id": "p"}, "status": {"indicator": "none"}, "components": []})
+
+    page_app = web.Application()
+    page_app.router.add_get("/api/v2/summary.json", summary)
+    page_runner = web.AppRunner(page_app)
+    await page_runner.setup()
+    page_port = free_port()
+    await web.TCPSite(page_runner, "127.0.0.1", page_port).start()
+    body = policy_body()
+    body["spec"]["providers"][0]["statusPage"] = {"url": f"http://127.0.0.1:{page_port}/api/v2/summary.json"}
+    await create_policy(kube, body)
+    broken = policy_body("broken")
+    broken["spec"]["routes"][0]["targets"][0]["provider"] = "nope"
+    await create_policy(kube, broken)  # skipped by the relay, not fatal
+
+    settings = replace(SETTINGS, webhook_port=free_port(), relay_port=free_port(), relay_refresh_interval=0.2)
+    webhook_url = f"http://127.0.0.1:{settings.webhook_port}"
+    relay_url = f"http://127.0.0.1:{settings.relay_port}/v1/statuspages"
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, api, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def get(url: str) -> Any:
+                """The JSON (or text) of a 200 answer, None otherwise (not listening yet included)."""
+                try:
+                    async with session.get(url) as answer:
+                        if answer.status != 200:
+                            return None
+                        return await answer.json() if answer.content_type == "application/json" else True
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            async def polled_relay() -> Any:
+                document = await get(relay_url)
+                pages = (document or {}).get("pages") or {}
+                return document if pages and all(p["seq"] >= 1 for p in pages.values()) else None
+
+            assert await until(lambda: get(webhook_url + "/healthz"), what="/healthz")
+            assert await get(webhook_url + "/readyz")
+            document = await until(polled_relay, what="the relay to report the polled page")
+            [page] = document["pages"].values()  # one page: the invalid policy was skipped
+            assert page["url"].endswith("/api/v2/summary.json") and page["state"] is not None
+            assert "patch" in await admit(webhook_url, review(a_pod()))
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        await page_runner.cleanup()
+    assert polls >= 1
+
+
+async def until(check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, what: str = "condition") -> Any:
+    """Await `check` every 50 ms until it gives something truthy; fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if result := await check():
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def test_tls_is_loaded_from_the_tls_directory(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmroute-webhook.llmroute.svc")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+    context = tls_context(replace(SETTINGS, webhook_tls_dir=str(tmp_path)))
+
+    assert isinstance(context, ssl.SSLContext)
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert tls_context(replace(SETTINGS, webhook_tls_dir=str(tmp_path / "absent"))) is None

@@ -23,7 +23,7 @@ from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_
 from .prompts import PromptTemplate, compile_template
 from .providers import adapter_for
 from .providers.base import Adapter
-from .statuspages import StatusBoard
+from .statuspages import DEFAULT_MIN_INTERVAL, StatusBoard
 
 _NEUTRAL_PARAMS = {"max_tokens", "temperature", "top_p", "stop", "stop_sequences"}
 
@@ -114,8 +114,11 @@ class Upstreams:
         self._health: dict[tuple[str, str], TargetHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
         self._status_session = self._new_session()
-        floor = {} if status_min_interval is None else {"min_interval": status_min_interval}
-        self.status = StatusBoard(self._status_session, relay_url=status_relay, **floor)
+        self.status = StatusBoard(
+            self._status_session,
+            relay_url=status_relay,
+            min_interval=DEFAULT_MIN_INTERVAL if status_min_interval is None else status_min_interval,
+        )
 
     @staticmethod
     def _new_session() -> aiohttp.ClientSession:

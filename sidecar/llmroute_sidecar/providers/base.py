@@ -2,7 +2,7 @@
 
 A concrete adapter (anthropic.py, openai.py, gemini.py) supplies only its wire format: paths, auth
 headers, request/response/stream codecs and how its error bodies read. This base turns transport
-faults into the classification of `errors.py` (HOSTILE.md U1–U4, U9, U10, U14, U15, U19) so that no
+faults into the classification of `errors.py` (HOSTILE.md U1-U4, U9, U10, U14, U15, U19) so that no
 adapter re-learns them:
 
 - one `aiohttp.ClientSession` per upstream, owned by the server, shared by every request;

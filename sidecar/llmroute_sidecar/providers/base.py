@@ -97,6 +97,11 @@ class Adapter:
         """From a parsed error body: (error type, message, status the body claims, e.g. Gemini's code)."""
         return None, None, None
 
+    def retry_hint(self, status: int, headers: Mapping[str, str], raw: bytes) -> float | None:
+        """A wait the provider states other than `retry-after` (Gemini's RetryInfo, OpenAI's reset
+        headers); asked only when no `retry-after` header came."""
+        return None
+
     def untranslatable(self, request: ChatRequest) -> str | None:
         """Why this provider cannot faithfully serve `request` (None: it can)."""
         if request.native is not None and request.native.dialect != self.dialect and request.lossy:
@@ -197,6 +202,8 @@ class Adapter:
         """Structured body first, HTTP status second, message text last (HOSTILE.md U10, U11)."""
         content_type = headers.get("Content-Type", "")
         wait = retry_after(headers)
+        if wait is None:
+            wait = self.retry_hint(status, headers, raw)
         error_type: str | None = None
         message: str | None = None
         claimed: int | None = None

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict
 
 from ..durations import parse_duration
 from ..errors import FailoverError, UpstreamError
@@ -192,16 +191,9 @@ class GeminiAdapter(Adapter):
                     return f"tool result {part.call_id!r} names no function and answers no earlier call"
         return None
 
-    def classify(self, status: int, headers: Mapping[str, str], raw: bytes, note: str | None = None) -> UpstreamError:
-        """The base's classification, with the body's `RetryInfo.retryDelay` as the retry hint when
-        the response carried no `retry-after` header (Gemini never sends one)."""
-        if "retry-after" not in headers and "retry-after-ms" not in headers:
-            delay = _retry_delay(raw)
-            if delay is not None:
-                hinted = CIMultiDict(headers)
-                hinted["retry-after"] = f"{delay:g}"
-                headers = hinted
-        return super().classify(status, headers, raw, note)
+    def retry_hint(self, status: int, headers: Mapping[str, str], raw: bytes) -> float | None:
+        """Gemini never sends `retry-after`; its error body's `RetryInfo.retryDelay` says how long."""
+        return _retry_delay(raw)
 
     def _classify_event(self, code: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:
         return self.classify(code, headers, raw, note="error event in the stream")

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..durations import parse_duration
-from ..errors import FailoverError, RequestError, RetryableError, UpstreamError
+from ..errors import RequestError, UpstreamError
 from ..messages import (
     ChatRequest,
     ChatResponse,
@@ -166,28 +166,10 @@ class OpenAIAdapter(Adapter):
                     return reason
         return None
 
-    def classify(self, status: int, headers: Mapping[str, str], raw: bytes, note: str | None = None) -> UpstreamError:
-        """As the base, plus: a 429 without `retry-after` but with OpenAI's `x-ratelimit-reset-*`
-        headers is a rate limit with a known end (retry), not a closed door (fail over)."""
-        error = super().classify(status, headers, raw, note)
-        if not (isinstance(error, FailoverError) and error.condition == 429):
-            return error
-        if error.error_type == "insufficient_quota":
-            return error
-        wait = ratelimit_reset(headers)
-        if wait is None:
-            return error
-        return RetryableError(
-            error.message,
-            status=error.status,
-            condition=error.condition,
-            error_type=error.error_type,
-            retry_after=wait,
-            headers=error.headers,
-            body=error.body,
-            content_type=error.content_type,
-            dialect=error.dialect,
-        )
+    def retry_hint(self, status: int, headers: Mapping[str, str], raw: bytes) -> float | None:
+        """A 429 without `retry-after` but with OpenAI's `x-ratelimit-reset-*` headers is a rate limit
+        with a known end (retry within budget), not a closed door (fail over at once)."""
+        return ratelimit_reset(headers) if status == 429 else None
 
 
 def error_details(body: Any) -> tuple[str | None, str | None, int | None]:

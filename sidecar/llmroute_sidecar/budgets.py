@@ -50,6 +50,13 @@ class RetryBudget:
         allowed = self.spec.ratio * sum(self._requests) + self.spec.min_per_second * window
         return allowed - sum(self._retries)
 
+    def can_withdraw(self) -> bool:
+        """Would a retry be allowed now? (Checked before backing off; counts a refusal like `try_withdraw`.)"""
+        if self.allowance() >= 1:
+            return True
+        self.exhausted_count += 1
+        return False
+
     def try_withdraw(self) -> bool:
         """Spend one retry if the budget allows it."""
         if self.allowance() >= 1:

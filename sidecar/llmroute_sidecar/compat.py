@@ -3,10 +3,11 @@
     ANTHROPIC_BASE_URL=http://127.0.0.1:8787/anthropic   -> POST /anthropic/v1/messages
     OPENAI_BASE_URL=http://127.0.0.1:8787/openai/v1      -> POST /openai/v1/chat/completions
 
-The route is the `llmroute-route` header, else the route named like the request's `model`, else the
-policy's `defaultRoute`. A target of the app's own provider gets the body as sent (model swapped, key
-replaced); a target of another provider gets the conversation translated, with its own system prompt,
-and the answer is translated back. Whatever key the app sent is ignored and never forwarded.
+The route is the `llmroute-route` header (a header naming no route is a 404, not a silent default),
+else the route named like the request's `model`, else the policy's `defaultRoute`. A target of the
+app's own provider gets the body as sent (model swapped, key replaced); a target of another provider
+gets the conversation translated, with its own system prompt, and the answer is translated back.
+Whatever key the app sent is ignored and never forwarded.
 
 Errors keep the dialect's own envelope. When the sidecar gives up it says `x-should-retry: false`: it
 already retried, and the SDK's own retries would multiply the load (PROVIDERS.md 2).
@@ -14,6 +15,7 @@ already retried, and the SDK's own retries would multiply the load (PROVIDERS.md
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -66,11 +68,14 @@ async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
             body = await read_json(request)
             app_request = codec.decode_request(body)
             model = body["model"]
-            route = (
-                runtime.route(request.headers.get("llmroute-route"))
-                or runtime.route(model)
-                or runtime.default_route
-            )
+            named = request.headers.get("llmroute-route")
+            if named is not None:
+                # Named on purpose: a typo must not quietly land on another route's targets.
+                route = runtime.route(named.strip())
+                if route is None:
+                    raise RequestError(404, f'unknown route "{named}" (llmroute-route header)', "not_found_error")
+            else:
+                route = runtime.route(model) or runtime.default_route
             if route is None:
                 raise RequestError(404, f'no route for model "{model}" and no defaultRoute', "not_found_error")
             stream = body.get("stream", False) is True
@@ -147,20 +152,28 @@ async def _stream(
     same_dialect = answer.target.provider.type == codec.dialect
     spec = call.route.spec
     try:
-        async for frame, resumed in follow(answer, spec.resume_streams, spec.attempt_timeout):
-            if same_dialect and not resumed:
-                data = encoder.relay(frame)
-            else:
-                data = b"".join(encoder.encode(event) for event in frame.events)
-            await write_or_give_up(response, data)
-            for event in frame.events:
-                if isinstance(event, StreamEnd):
-                    record_usage(state, answer, answer.stream.model, event.usage)
-    except StreamBroken as exc:
-        await write_or_give_up(response, encoder.error(exc.error_type, exc.message))
+        async with contextlib.aclosing(follow(answer, spec.resume_streams, spec.attempt_timeout)) as frames:
+            try:
+                async for frame, resumed in frames:
+                    if same_dialect and not resumed:
+                        data = encoder.relay(frame)
+                    else:
+                        data = b"".join(encoder.encode(event) for event in frame.events)
+                    await write_or_give_up(response, data)
+                    for event in frame.events:
+                        if isinstance(event, StreamEnd):
+                            record_usage(state, answer, answer.stream.model, event.usage)
+            except StreamBroken as exc:
+                await write_or_give_up(response, encoder.error(exc.error_type, exc.message))
+                await response.write_eof()
+                return response, "stream_broken"
         await response.write_eof()
-        return response, "stream_broken"
-    await response.write_eof()
+    except (TimeoutError, ConnectionError):
+        # The client stopped reading (write deadline, HOSTILE D6) or went away: the upstream is closed
+        # by now (aclosing); drop the connection so nothing waits on it any longer.
+        if request.transport is not None:
+            request.transport.abort()
+        return response, "client_cancelled"
     return response, "ok"
 
 

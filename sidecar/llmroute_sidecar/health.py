@@ -2,8 +2,10 @@
 
 The circuit separates a microspike from an outage by *time*, never by a bare failure count: a target
 opens when it has failed retryably, with no success in between, for longer than `openAfter` and at least
-`minFailures` times. While open, requests skip it at once, and one request per (jittered) `probeInterval`
-still tries it; the first success closes it. Client errors say nothing about health and are not counted.
+`minFailures` times (a streak also ends when no attempt failed for longer than `openAfter`: without
+traffic there is no evidence either way). While open, requests skip it at once, and one request per
+(jittered) `probeInterval` still tries it; the first success closes it. Client errors say nothing about
+health and are not counted.
 
 Retry coalescing: when another request's attempt on this target failed *after* my own last attempt, my
 retry now would almost surely fail too, so it is skipped (no upstream call, no budget spent) and I back
@@ -23,6 +25,7 @@ from typing import Literal
 
 CircuitState = Literal["closed", "open"]
 _WINDOW = 30.0  # seconds of history kept for hot-hot weights
+_LATENCY_FLOOR = 0.05  # seconds: latencies below this count as equal for hot-hot weights
 
 
 class TargetHealth:
@@ -87,9 +90,15 @@ class TargetHealth:
 
     def record_failure(self, latency: float) -> None:
         now = self._clock()
+        started = now - latency
+        quiet = self.opened_at is None and started - self.last_failure > self.open_after
+        if self.streak_start is None or quiet:
+            # The failing attempt starts a streak. A closed target that saw no attempt fail for longer
+            # than openAfter before this one starts afresh too: two microspikes with no traffic between
+            # them are not one long outage.
+            self.streak_start = started
+            self.failures = 0
         self.last_failure = now
-        if self.streak_start is None:
-            self.streak_start = now - latency  # the failing attempt started the streak
         self.failures += 1
         if (
             self.opened_at is None
@@ -110,16 +119,20 @@ class TargetHealth:
             self._outcomes.popleft()
 
     def weight(self) -> float:
-        """Hot-hot routing weight: success rate over the window divided by mean latency."""
+        """Hot-hot routing weight, higher is healthier: success rate squared over the window, divided by
+        the mean latency of the successes (floored, so fast targets are not told apart by noise), halved
+        for each retryable failure since the last success. A target failing *now* is avoided at once
+        (a 30 s window of past successes must not keep it in rotation), yet still drawn now and then,
+        which is how it earns its share back. A target without history is as good as the best: tried."""
         now = self._clock()
         while self._outcomes and self._outcomes[0][0] < now - _WINDOW:
             self._outcomes.popleft()
         if not self._outcomes:
-            return 1.0
+            return 1.0 / _LATENCY_FLOOR
         successes = [latency for _, ok, latency in self._outcomes if ok]
         rate = len(successes) / len(self._outcomes)
         mean_latency = sum(successes) / len(successes) if successes else 1.0
-        return (rate**2) / max(mean_latency, 0.05)
+        return (rate**2) / max(mean_latency, _LATENCY_FLOOR) * 0.5 ** min(self.failures, 40)
 
     def snapshot(self) -> dict[str, object]:
         now = self._clock()

@@ -64,6 +64,7 @@ class SidecarState:
     def apply(self, policy: LoadedPolicy) -> None:
         """Swap in a new policy (compiled first: a policy that fails to compile changes nothing)."""
         self.runtime = self.upstreams.compile(policy)
+        self.telemetry.pricing = policy.spec.pricing
         self.loaded_at = _now()
         self.last_error = None
 
@@ -229,8 +230,9 @@ def finish(
 
 
 def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) -> None:
-    pricing = state.runtime.policy.spec.pricing if state.runtime else {}
-    state.telemetry.usage(answer.target.provider.name, model, usage, pricing.get(model))
+    state.telemetry.usage(
+        answer.target.provider.name, model, usage, state.telemetry.price(model, answer.target.spec.model)
+    )
 
 
 async def write_or_give_up(response: web.StreamResponse, data: bytes) -> None:
@@ -409,6 +411,7 @@ async def status(request: web.Request) -> web.Response:
                 "strategy": route.spec.strategy,
                 "answered": answered,
                 "degradedShare": round(degraded / answered, 4) if answered else 0.0,
+                "recentFallback": telemetry.recent_fallback(route.name),
                 "targets": {t.name: t.health.snapshot() for t in route.targets},
             }
     body = {
@@ -437,8 +440,13 @@ async def metrics(request: web.Request) -> web.Response:
 def _refresh_gauges(state: SidecarState) -> None:
     for provider, level in state.upstreams.status.levels().items():
         state.telemetry.statuspage.labels(provider).set(level)
+    open_targets: dict[str, int] = {}
     for (_route, target), health in state.upstreams.healths().items():
-        state.telemetry.circuit.labels(target).set(1 if health.state == "open" else 0)
+        open_targets[target] = max(open_targets.get(target, 0), 1 if health.state == "open" else 0)
+    for target, is_open in open_targets.items():
+        state.telemetry.circuit.labels(target).set(is_open)
+    for reason, count in state.upstreams.status.error_counts().items():
+        state.telemetry.status_fetch_errors.labels(reason).set(count)
 
 
 def _sum_samples(counter: Any, labels: dict[str, str]) -> float:

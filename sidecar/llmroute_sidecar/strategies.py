@@ -161,21 +161,36 @@ class Engine:
     async def _try_target(
         self, call: Call, target: CompiledTarget, until: float, retries: bool, primary: bool
     ) -> Answer | None:
-        """Attempts on one target; None when the caller should move on to the next target."""
+        """Attempts on one target; None when the caller should move on to the next target.
+
+        Between attempts it backs off (full jitter, `retry-after` honoured within `until`). A retry is
+        skipped without a call or a budget token when another request failed on the target after my last
+        attempt (coalescing, see health.py); retrying stops once the target's circuit opens or its status
+        page confirms an outage, and when the provider's retry budget cannot pay for another attempt."""
         backoff = call.route.spec.backoff
         retry_on = call.route.spec.retry_on
-        max_attempts = 1 + (call.route.spec.fallback_retries if not primary else 1_000)
-        step = 0
+        max_steps = 1 + (call.route.spec.fallback_retries if not primary else 1_000)
+        step = 0  # backoff steps taken, coalesced ones included
+        tries = 0  # upstream calls made on this target by this request
         last_end = -1.0
+        error: UpstreamError | None = None
         while True:
-            if time.monotonic() >= call.deadline and step > 0:
-                call.shed_reason = call.shed_reason or "budget-exhausted"
-                return None
-            if step > 0 and target.health.failed_since(last_end):
-                error: UpstreamError | None = call.last_error  # coalesced: someone just failed here
-            else:
+            coalesced = False
+            if step > 0:
+                if time.monotonic() >= call.deadline:
+                    call.shed_reason = call.shed_reason or "budget-exhausted"
+                    return None
+                if not self._keep_retrying(call, target, primary):
+                    return None
+                coalesced = target.health.failed_since(last_end)  # someone just failed here: skip
+                if not coalesced and not target.budget.try_withdraw():
+                    self.telemetry.budget_exhausted(target.provider.name)
+                    if primary:
+                        call.shed_reason = "retry-budget"
+                    return None
+            if not coalesced:
                 try:
-                    return await self._attempt(call, target, step)
+                    return await self._attempt(call, target, tries)
                 except ClientError as exc:
                     if primary:
                         raise  # the app's request is wrong: it goes back as the provider sent it
@@ -186,19 +201,17 @@ class Engine:
                     if primary:
                         call.primary_error = exc
                     call.last_error = exc
+                tries += 1
                 last_end = time.monotonic()
                 if isinstance(error, FailoverError) or not isinstance(error, RetryableError):
                     return None
                 if error.condition not in retry_on or not retries:
                     return None
             step += 1
-            if step >= max_attempts:
-                return None
-            if target.health.state == "open":
-                call.shed_reason = "circuit-open" if primary else call.shed_reason
+            if step >= max_steps or not self._keep_retrying(call, target, primary):
                 return None
             wait = _backoff(backoff.initial, backoff.max, backoff.multiplier, backoff.jitter, step)
-            hinted = error.retry_after if error is not None else None
+            hinted = error.retry_after if error is not None and not coalesced else None
             now = time.monotonic()
             if hinted is not None:
                 if now + hinted > until:
@@ -209,13 +222,26 @@ class Engine:
                 if primary:
                     call.shed_reason = call.shed_reason or "budget-exhausted"
                 return None
-            if not target.budget.try_withdraw():
+            if not target.budget.can_withdraw():  # never wait for a retry the budget cannot pay for
                 self.telemetry.budget_exhausted(target.provider.name)
                 if primary:
                     call.shed_reason = "retry-budget"
                 return None
             call.retry_wait += wait
             await asyncio.sleep(wait)
+
+    def _keep_retrying(self, call: Call, target: CompiledTarget, primary: bool) -> bool:
+        """False once retrying the target is pointless: its circuit opened, or its status page confirmed
+        an outage while we were backing off (a shed request spends nothing more on it)."""
+        if target.health.state == "open":
+            reason: ShedReason = "circuit-open"
+        elif self._shed_share(target.provider.name)[0] >= 1:
+            reason = "status-page"
+        else:
+            return True
+        if primary:
+            call.shed_reason = reason
+        return False
 
     async def _attempt(self, call: Call, target: CompiledTarget, step: int) -> Answer:
         """One upstream call; records its outcome on the target's health and in `attempts`."""
@@ -228,7 +254,9 @@ class Engine:
             try:
                 reason = target.adapter.untranslatable(request)
                 if reason is not None:
-                    raise FailoverError(f"cannot translate for {target.provider.type}: {reason}")
+                    raise FailoverError(
+                        f"cannot translate for {target.provider.type}: {reason}", condition="untranslatable"
+                    )
                 if call.stream:
                     stream = await _open_stream(target, request, model, timeouts)
                     answer = Answer(target, stream=stream)
@@ -238,7 +266,7 @@ class Engine:
                     if problem is not None:
                         raise FailoverError(f"quality check failed: {problem}", error_type="validation")
                     answer = Answer(target, response=response)
-                    span.usage(response.usage)
+                    span.response(response)
             except asyncio.CancelledError:
                 call.attempts.append(AttemptRecord(target.name, "cancelled", _ms(started)))
                 self.telemetry.attempt(call.route.name, target, "cancelled")
@@ -251,7 +279,7 @@ class Engine:
                 if isinstance(exc, RetryableError):
                     target.health.record_failure(elapsed)
                 self.telemetry.attempt(call.route.name, target, _result(exc))
-                span.fail(_result(exc))
+                span.fail(_error_type(exc))
                 raise
         target.health.record_success(time.monotonic() - started)
         call.attempts.append(AttemptRecord(target.name, "ok", _ms(started)))
@@ -271,15 +299,34 @@ class Engine:
         return ordered + [t for t in targets if t.health.state != "closed"]
 
     # ----- quorum and hedging ------------------------------------------------------------------------
+    def _parallel_targets(self, call: Call) -> list[CompiledTarget]:
+        """The quorum's targets that may be called now (not shed by their status page, circuit closed or
+        probing); the skipped ones are listed in `attempts`. With none left, the first one still goes."""
+        targets = call.route.quorum_targets
+        usable: list[CompiledTarget] = []
+        for target in targets:
+            reason = self._skip_reason(target)
+            if reason is None:
+                usable.append(target)
+            else:
+                call.attempts.append(AttemptRecord(target.name, "skipped", 0, reason))
+        return usable or targets[:1]
+
+    def _note_error(self, call: Call, target: CompiledTarget, exc: BaseException | None) -> None:
+        if isinstance(exc, UpstreamError):
+            call.last_error = exc
+            if target.index == 0:
+                call.primary_error = exc  # the most informative error if everything fails (U18)
+
     async def _quorum(self, call: Call) -> Answer:
         """Call the quorum's targets in parallel. `first`: first valid answer wins, losers are cancelled;
         `best`: after the first valid answer, wait up to `grace` and pick by target order."""
         quorum = call.route.spec.quorum
         assert quorum is not None
-        targets = [t for t in call.route.quorum_targets if t.health.allow()] or call.route.quorum_targets[:1]
+        targets = self._parallel_targets(call)
         call.shed_reason = "quorum"
         tasks = {asyncio.create_task(self._attempt(call, t, 0)): t for t in targets}
-        for target in targets:
+        for _ in targets:
             self.telemetry.quorum(call.route.name, "call")
         winners: dict[int, Answer] = {}
         grace_deadline: float | None = None
@@ -291,36 +338,48 @@ class Engine:
                 if not done:
                     break  # grace is over
                 for task in done:
-                    if task.exception() is None:
+                    exc = task.exception()
+                    if exc is None:
                         winners[tasks[task].index] = task.result()
-                    elif isinstance(task.exception(), UpstreamError):
-                        exc = task.exception()
-                        assert isinstance(exc, UpstreamError)
-                        call.last_error = exc
-                if winners and quorum.pick == "first":
+                    else:
+                        self._note_error(call, tasks[task], exc)
+                if not winners:
+                    continue
+                if quorum.pick == "first":
                     break
-                if winners and grace_deadline is None:
+                if grace_deadline is None:
                     grace_deadline = time.monotonic() + quorum.grace
-                if winners and min(winners) == min(t.index for t in targets):
-                    break  # the best possible answer is in: no need to wait out the grace
+                if all(min(winners) < tasks[task].index for task in pending):
+                    break  # no answer still running could beat the best one in: no need to wait out grace
         finally:
             await _cancel(pending)
         if not winners:
-            primary_error = call.last_error
-            raise GaveUp(primary_error, call.shed_reason)
+            raise GaveUp(call.primary_error or call.last_error, call.shed_reason)
         best = winners[min(winners)]
-        for index, answer in winners.items():
+        for answer in winners.values():
             if answer is not best:
+                self._count_discarded(answer)
                 await _discard(answer)
         self.telemetry.quorum(call.route.name, "win" if best.target.index == 0 else "fallback-win")
         if best.target.index == 0:
             call.shed_reason = None
         return best
 
+    def _count_discarded(self, answer: Answer) -> None:
+        """A complete answer that lost (`pick: best`) was paid for: its tokens and cost still count."""
+        if answer.response is not None:
+            self.telemetry.usage(
+                answer.target.provider.name,
+                answer.response.model,
+                answer.response.usage,
+                self.telemetry.price(answer.response.model, answer.target.spec.model),
+            )
+
     async def _hedge(self, call: Call, hedge_after: float) -> Answer:
         """Start the primary; if it has not answered (streams: first content) by `hedgeAfter`, start the
-        next target too; whichever answers first wins, the other is cancelled."""
-        targets = [t for t in call.route.quorum_targets if t.health.allow()] or call.route.quorum_targets[:1]
+        next target too; whichever answers first wins, the other is cancelled. A target that fails starts
+        the next one at once."""
+        targets = self._parallel_targets(call)
         tasks: dict[asyncio.Task[Answer], CompiledTarget] = {}
         pending: set[asyncio.Task[Answer]] = set()
         try:
@@ -339,19 +398,20 @@ class Engine:
                     if not done:
                         break  # slow: hedge with the next target
                     for finished in done:
-                        if finished.exception() is None:
+                        exc = finished.exception()
+                        if exc is None:
                             answer = finished.result()
                             if answer.target.index == 0:
                                 call.shed_reason = None
+                            elif len(tasks) > 1:
+                                self.telemetry.quorum(call.route.name, "hedge-win")
                             return answer
-                        exc = finished.exception()
                         if isinstance(exc, ClientError) and tasks[finished].index == 0:
                             raise exc
-                        if isinstance(exc, UpstreamError):
-                            call.last_error = exc
+                        self._note_error(call, tasks[finished], exc)
                     if not pending:
                         break  # all started attempts failed: start the next target now
-            raise GaveUp(call.last_error, call.shed_reason)
+            raise GaveUp(call.primary_error or call.last_error, call.shed_reason)
         finally:
             await _cancel(pending)
 
@@ -406,6 +466,14 @@ def _result(error: UpstreamError) -> str:
     return "timeout" if error.condition == "timeout" else (
         "connection" if error.condition == "connection" else f"http_{error.condition}"
     )
+
+
+def _error_type(error: UpstreamError) -> str:
+    """`error.type` of a failed attempt's span: the HTTP status code as a string when the provider sent
+    one (OpenTelemetry semantic conventions), else the low-cardinality class (`timeout`, `connection`…)."""
+    if error.status is not None and error.status >= 400 and error.error_type != "validation":
+        return str(error.status)
+    return _result(error)
 
 
 def _ms(started: float) -> int:

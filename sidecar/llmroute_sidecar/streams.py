@@ -3,19 +3,21 @@
 After the first content event reached the app, a failover would splice another model's words into a
 half-finished answer, so it is off the table. An upstream break then has two honest outcomes:
 - resume on the *same* target: ask again with the text streamed so far as an assistant prefill and
-  stream only the continuation (Anthropic supports prefill; route option `resumeStreams`, default on);
+  stream only the continuation (Anthropic supports prefill, except with extended thinking on; route
+  option `resumeStreams`, default on; not after a tool call began);
 - or raise `StreamBroken`, which the endpoint turns into the dialect's error event so the SDK raises
   instead of returning a truncated message as if it were complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from .errors import StreamBroken, UpstreamError
-from .messages import StreamStart, TextDelta, ToolCallDelta, ToolCallStart
+from .messages import ChatRequest, StreamEvent, StreamStart, TextDelta, ToolCallDelta, ToolCallStart
 from .providers.base import AttemptTimeouts, StreamFrame
 from .strategies import Answer, LiveStream, _open_stream
 
@@ -24,9 +26,13 @@ MAX_RESUMES = 2
 
 async def follow(
     answer: Answer, resume: bool, attempt_timeout: float
-) -> AsyncIterator[tuple[StreamFrame, bool]]:
+) -> AsyncGenerator[tuple[StreamFrame, bool], None]:
     """Yield (frame, resumed) until the upstream's proper end; `resumed` frames come from a
-    continuation and must be re-encoded rather than relayed (their framing restarts upstream)."""
+    continuation and must be re-encoded rather than relayed (their framing restarts upstream).
+
+    Close it (`contextlib.aclosing`) when done: however the consumer stops (client gone, write
+    deadline, cancellation), the upstream stream being read is closed then, not at garbage collection,
+    so the provider stops generating tokens nobody reads."""
     live = answer.stream
     assert live is not None
     target = answer.target
@@ -34,42 +40,68 @@ async def follow(
     saw_tool_call = False
     resumed = False
     pending_space = ""
-    frames: AsyncIterator[StreamFrame] = _replay(live)
+    frames: AsyncGenerator[StreamFrame, None] = _replay(live)
     resumes = 0
-    while True:
-        try:
-            async for frame in frames:
-                if resumed:
-                    frame, pending_space = _continuation(frame, pending_space)
-                for event in frame.events:
-                    if isinstance(event, TextDelta):
-                        text.append(event.text)
-                    elif isinstance(event, ToolCallStart | ToolCallDelta):
-                        saw_tool_call = True
-                yield frame, resumed
-            return
-        except UpstreamError as exc:
-            target.health.record_failure(0.0)
-            can_resume = resume and target.adapter.supports_prefill and not saw_tool_call
-            if not can_resume or resumes >= MAX_RESUMES:
-                raise StreamBroken(f"upstream stream broke: {exc.message}", exc.error_type) from None
-            resumes += 1
-            so_far = "".join(text)
-            pending_space = so_far[len(so_far.rstrip()) :]  # the adapter trims it from the prefill
-            request = dataclasses.replace(live.request, prefill=so_far or None)
-            started = time.monotonic()
+    try:
+        while True:
             try:
-                continuation = await _open_stream(
-                    target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout)
+                async for frame in frames:
+                    if resumed:
+                        frame, pending_space = _continuation(frame, pending_space)
+                    for event in frame.events:
+                        if isinstance(event, TextDelta):
+                            text.append(event.text)
+                        elif isinstance(event, ToolCallStart | ToolCallDelta):
+                            saw_tool_call = True
+                    yield frame, resumed
+                return
+            except UpstreamError as exc:
+                target.health.record_failure(0.0)
+                can_resume = (
+                    resume and target.adapter.supports_prefill and not saw_tool_call and not _thinks(live.request)
                 )
-            except UpstreamError as again:
-                raise StreamBroken(f"upstream stream broke and could not resume: {again.message}") from None
-            target.health.record_success(time.monotonic() - started)
-            resumed = True
-            frames = _replay(continuation)
+                if not can_resume or resumes >= MAX_RESUMES:
+                    raise StreamBroken(f"upstream stream broke: {exc.message}", exc.error_type) from None
+                resumes += 1
+                so_far = "".join(text)
+                pending_space = so_far[len(so_far.rstrip()) :]  # the adapter trims it from the prefill
+                request = dataclasses.replace(live.request, prefill=so_far or None)
+                started = time.monotonic()
+                try:
+                    continuation = await _open_stream(
+                        target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout)
+                    )
+                except UpstreamError as again:
+                    raise StreamBroken(f"upstream stream broke and could not resume: {again.message}") from None
+                target.health.record_success(time.monotonic() - started)
+                resumed = True
+                await _close(frames, live)
+                live = continuation
+                frames = _replay(continuation)
+    finally:
+        await _close(frames, live)
 
 
-async def _replay(live: LiveStream) -> AsyncIterator[StreamFrame]:
+def _thinks(request: ChatRequest) -> bool:
+    """Extended thinking is on: Anthropic refuses an assistant prefill then, so a resume could only fail."""
+    bodies = [request.extra, request.native.body if request.native is not None else {}]
+    for body in bodies:
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type", "disabled") != "disabled":
+            return True
+    return False
+
+
+async def _close(frames: AsyncGenerator[StreamFrame, None], live: LiveStream) -> None:
+    """Close the replay and the upstream stream under it (its adapter closes the connection)."""
+    for closable in (frames, live.rest):
+        aclose = getattr(closable, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+async def _replay(live: LiveStream) -> AsyncGenerator[StreamFrame, None]:
     for frame in live.head:
         yield frame
     async for frame in live.rest:
@@ -78,7 +110,7 @@ async def _replay(live: LiveStream) -> AsyncIterator[StreamFrame]:
 
 def _continuation(frame: StreamFrame, pending_space: str) -> tuple[StreamFrame, str]:
     """Drop the continuation's own start, and the whitespace already sent before the break."""
-    events = []
+    events: list[StreamEvent] = []
     for event in frame.events:
         if isinstance(event, StreamStart):
             continue

@@ -10,9 +10,11 @@ costs next to nothing on the hot path. Prompts and completions are never recorde
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -21,12 +23,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .messages import Usage
+from .messages import ChatResponse, Usage
 from .policy import Price
 
 _GENAI_PROVIDER = {"anthropic": "anthropic", "openai": "openai", "gemini": "gcp.gemini"}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 _WAIT_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
+RECENT_WINDOW = 60
+"""Seconds over which `/status` reports each route's recent fallback rate."""
 
 
 def tracer_provider_from_env() -> trace.TracerProvider | None:
@@ -52,20 +56,81 @@ def tracer_provider_from_env() -> trace.TracerProvider | None:
 class AttemptSpan:
     """The span of one upstream attempt, with the few things the engine reports on it."""
 
-    __slots__ = ("span",)
+    __slots__ = ("failed", "span")
 
     def __init__(self, span: Span) -> None:
         self.span = span
+        self.failed = False
 
     def usage(self, usage: Usage) -> None:
         if self.span.is_recording():
             self.span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
             self.span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
 
-    def fail(self, error_type: str) -> None:
+    def response(self, response: ChatResponse) -> None:
+        """What the provider answered: model, stop reason, usage (never the text)."""
         if self.span.is_recording():
-            self.span.set_attribute("error.type", error_type)
-            self.span.set_status(Status(StatusCode.ERROR, error_type))
+            self.usage(response.usage)
+            if response.model:
+                self.span.set_attribute("gen_ai.response.model", response.model)
+            self.span.set_attribute("gen_ai.response.finish_reasons", [str(response.stop_reason)])
+
+    def fail(self, error_type: str) -> None:
+        self.failed = True
+        _mark_failed(self.span, error_type)
+
+
+def _mark_failed(span: Span, error_type: str) -> None:
+    if span.is_recording():
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR, error_type))
+
+
+@contextmanager
+def _quiet_span(tracer: trace.Tracer, name: str, kind: SpanKind) -> Iterator[Span]:
+    """A current span that records an escaping exception by its type only. The SDK's default would add
+    the exception's message and traceback, and an upstream error message can quote the prompt (providers
+    echo invalid content back): CONTRACT §4 keeps prompts out of spans."""
+    with tracer.start_as_current_span(name, kind=kind, record_exception=False, set_status_on_exception=False) as span:
+        yield span
+
+
+class RecentShare:
+    """Answers and fallback answers of one route over the last `RECENT_WINDOW` seconds, in one-second
+    buckets (O(1) per request, bounded memory whatever the request rate)."""
+
+    __slots__ = ("_answered", "_clock", "_fallback", "_now")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._answered = [0] * RECENT_WINDOW
+        self._fallback = [0] * RECENT_WINDOW
+        self._now = int(clock())
+
+    def _advance(self) -> int:
+        now = int(self._clock())
+        if now != self._now:
+            for second in range(max(self._now + 1, now - RECENT_WINDOW + 1), now + 1):
+                self._answered[second % RECENT_WINDOW] = 0
+                self._fallback[second % RECENT_WINDOW] = 0
+            self._now = now
+        return now % RECENT_WINDOW
+
+    def add(self, fallback: bool) -> None:
+        slot = self._advance()
+        self._answered[slot] += 1
+        if fallback:
+            self._fallback[slot] += 1
+
+    def snapshot(self) -> dict[str, float]:
+        self._advance()
+        answered, fallback = sum(self._answered), sum(self._fallback)
+        return {
+            "windowSeconds": float(RECENT_WINDOW),
+            "answered": float(answered),
+            "fallback": float(fallback),
+            "rate": round(fallback / answered, 4) if answered else 0.0,
+        }
 
 
 class Telemetry:
@@ -106,19 +171,30 @@ class Telemetry:
         self.quorum_calls = Counter(
             "llmroute_quorum_calls", "Quorum and hedge calls, by result.", ["route", "result"], registry=r
         )
+        self.status_fetch_errors = Gauge(
+            "llmroute_status_fetch_errors", "Unusable status-page fetches since start, by reason.", ["reason"],
+            registry=r,
+        )
         self.reload_errors = Counter(
             "llmroute_config_reload_errors", "Policy reloads refused as invalid.", registry=r
         )
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("llmroute")
         self._state_readers: list[Callable[[], None]] = []
+        self._recent: dict[str, RecentShare] = {}
+        self.pricing: Mapping[str, Price] = {}
+        """The policy's `pricing` (USD per million tokens by model), for costs the engine records itself."""
 
     # ----- request level (server) ----------------------------------------------------------------------
     @contextmanager
     def request_span(self, name: str, route: str | None) -> Iterator[Span]:
-        with self.tracer.start_as_current_span(name, kind=SpanKind.SERVER) as span:
+        with _quiet_span(self.tracer, name, SpanKind.SERVER) as span:
             if route is not None and span.is_recording():
                 span.set_attribute("llmroute.route", route)
-            yield span
+            try:
+                yield span
+            except Exception as exc:  # the handlers answer every expected failure: this is a bug
+                _mark_failed(span, type(exc).__qualname__)
+                raise
 
     def request_done(
         self,
@@ -132,6 +208,8 @@ class Telemetry:
         shed_reason: str | None,
     ) -> None:
         self.requests.labels(route, target, "true" if degraded else "false", outcome).inc()
+        if outcome == "ok":  # answered by a fallback: degraded, or shed off its primary for any reason
+            self._recent.setdefault(route, RecentShare()).add(degraded or shed_reason is not None)
         self.duration.labels(route).observe(seconds)
         self.retry_wait.labels(route).observe(retry_wait)
         if shed_reason is not None:
@@ -146,6 +224,19 @@ class Telemetry:
             if outcome != "ok":
                 span.set_status(Status(StatusCode.ERROR, outcome))
 
+    def recent_fallback(self, route: str) -> dict[str, float]:
+        """The route's answers and the share of them from a fallback over the last minute (`/status`)."""
+        recent = self._recent.get(route)
+        return recent.snapshot() if recent is not None else RecentShare().snapshot()
+
+    def price(self, *models: str | None) -> Price | None:
+        """The policy price of the first model named in `pricing`: the answer's model, then the target's
+        (providers answer with dated names, e.g. `gpt-4.1-mini-2025-04-14` for `gpt-4.1-mini`)."""
+        for model in models:
+            if model and model in self.pricing:
+                return self.pricing[model]
+        return None
+
     def usage(self, provider: str, model: str, usage: Usage, price: Price | None) -> None:
         self.tokens.labels(provider, model, "input").inc(usage.input_tokens)
         self.tokens.labels(provider, model, "output").inc(usage.output_tokens)
@@ -156,21 +247,32 @@ class Telemetry:
     # ----- attempt level (engine) ----------------------------------------------------------------------
     @contextmanager
     def attempt_span(self, route: str, target: Any, model: str, step: int, stream: bool) -> Iterator[AttemptSpan]:
-        with self.tracer.start_as_current_span(f"chat {model}", kind=SpanKind.CLIENT) as span:
+        with _quiet_span(self.tracer, f"chat {model}", SpanKind.CLIENT) as span:
             if span.is_recording():
-                span.set_attributes(
-                    {
-                        "gen_ai.operation.name": "chat",
-                        "gen_ai.provider.name": _GENAI_PROVIDER.get(target.provider.type, target.provider.type),
-                        "gen_ai.request.model": model,
-                        "llmroute.route": route,
-                        "llmroute.target": target.name,
-                        "llmroute.attempt": step,
-                        "llmroute.stream": stream,
-                        "server.address": target.provider.effective_base_url,
-                    }
-                )
-            yield AttemptSpan(span)
+                base = urlsplit(target.provider.effective_base_url)
+                attributes: dict[str, Any] = {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": _GENAI_PROVIDER.get(target.provider.type, target.provider.type),
+                    "gen_ai.request.model": model,
+                    "llmroute.route": route,
+                    "llmroute.target": target.name,
+                    "llmroute.provider": target.provider.name,
+                    "llmroute.attempt": step,
+                    "llmroute.degraded": bool(target.spec.degraded),
+                    "llmroute.stream": stream,
+                    "server.address": base.hostname or "",
+                }
+                with suppress(ValueError):  # a malformed port is the adapter's problem, not the span's
+                    if base.port is not None:
+                        attributes["server.port"] = base.port
+                span.set_attributes(attributes)
+            attempt = AttemptSpan(span)
+            try:
+                yield attempt
+            except Exception as exc:
+                if not attempt.failed:  # the engine marks upstream failures itself; anything else is a bug
+                    attempt.fail(type(exc).__qualname__)
+                raise
 
     def attempt(self, route: str, target: Any, result: str) -> None:
         self.attempts.labels(route, target.name, target.provider.name, result).inc()

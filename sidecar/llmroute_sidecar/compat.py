@@ -15,7 +15,6 @@ already retried, and the SDK's own retries would multiply the load (PROVIDERS.md
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -24,9 +23,9 @@ from aiohttp import web
 from opentelemetry import trace
 
 from .errors import ClientError, RequestError, StreamBroken, UpstreamError
-from .messages import ChatRequest, StreamEnd
+from .messages import ChatRequest
 from .providers import app_codec
-from .providers.base import AppCodec
+from .providers.base import AppCodec, StreamFrame
 from .runtime import CompiledTarget
 from .server import (
     STATE,
@@ -38,10 +37,9 @@ from .server import (
     new_call,
     read_json,
     record_usage,
-    write_or_give_up,
+    relay_stream,
 )
 from .strategies import Answer, Call, GaveUp
-from .streams import follow
 
 
 def add_compat_routes(app: web.Application) -> None:
@@ -67,6 +65,10 @@ async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
                 raise RequestError(503, "no valid policy loaded", "api_error")
             body = await read_json(request)
             app_request = codec.decode_request(body)
+            if app_request.native is not None:
+                app_request.native.headers = {
+                    name: request.headers[name] for name in codec.forwarded_headers if name in request.headers
+                }
             model = body["model"]
             named = request.headers.get("llmroute-route")
             if named is not None:
@@ -144,37 +146,18 @@ async def _stream(
     model: str,
     app_request: ChatRequest,
 ) -> tuple[web.StreamResponse, str]:
-    assert answer.stream is not None
-    response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
-    response.content_type = "text/event-stream"
-    await response.prepare(request)
     encoder = codec.stream_encoder(model, app_request)
     same_dialect = answer.target.provider.type == codec.dialect
-    spec = call.route.spec
-    try:
-        async with contextlib.aclosing(follow(answer, spec.resume_streams, spec.attempt_timeout)) as frames:
-            try:
-                async for frame, resumed in frames:
-                    if same_dialect and not resumed:
-                        data = encoder.relay(frame)
-                    else:
-                        data = b"".join(encoder.encode(event) for event in frame.events)
-                    await write_or_give_up(response, data)
-                    for event in frame.events:
-                        if isinstance(event, StreamEnd):
-                            record_usage(state, answer, answer.stream.model, event.usage)
-            except StreamBroken as exc:
-                await write_or_give_up(response, encoder.error(exc.error_type, exc.message))
-                await response.write_eof()
-                return response, "stream_broken"
-        await response.write_eof()
-    except (TimeoutError, ConnectionError):
-        # The client stopped reading (write deadline, HOSTILE D6) or went away: the upstream is closed
-        # by now (aclosing); drop the connection so nothing waits on it any longer.
-        if request.transport is not None:
-            request.transport.abort()
-        return response, "client_cancelled"
-    return response, "ok"
+
+    def encode(frame: StreamFrame, resumed: bool) -> bytes:
+        if same_dialect and not resumed:
+            return encoder.relay(frame)  # the app's own dialect: pass the upstream's events through
+        return b"".join(encoder.encode(event) for event in frame.events)
+
+    def broken(exc: StreamBroken) -> bytes:
+        return encoder.error(exc.error_type, exc.message)
+
+    return await relay_stream(state, request, call, answer, headers, encode, broken)
 
 
 def _upstream_error(

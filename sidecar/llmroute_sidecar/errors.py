@@ -69,7 +69,9 @@ class UpstreamError(LLMRouteError):
 
     @property
     def label(self) -> str:
-        """Short, low-cardinality description for `attempts`, metrics and logs."""
+        """Short description for `attempts` and logs (never a key or prompt: built from types)."""
+        if self.condition == "untranslatable":
+            return f"untranslatable: {self.message}"
         return str(self.condition) if self.status is None else f"{self.status} {self.error_type}"
 
 

@@ -74,6 +74,8 @@ class NativeBody:
 
     dialect: str
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    """The app's protocol headers worth keeping on pass-through (`anthropic-beta`, ...); never keys."""
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ body-read deadline so a never-ending upload gets a 408 instead of a stuck handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -29,6 +30,7 @@ from .checks import parse_json_answer
 from .errors import ClientError, RequestError, StreamBroken, UpstreamError
 from .messages import ChatRequest, StreamEnd, TextDelta
 from .policy import LoadedPolicy, PolicyError
+from .providers.base import StreamFrame
 from .reloading import PolicyWatcher
 from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
 from .sse import json_frame
@@ -340,33 +342,69 @@ async def _stream_route(
 ) -> tuple[web.StreamResponse, str]:
     """SSE: `meta`, then `delta`s, then `done` — or `error` if the upstream breaks beyond repair."""
     assert answer.stream is not None
-    response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
-    response.content_type = "text/event-stream"
-    await response.prepare(request)
     target = answer.target
-    await write_or_give_up(response, json_frame("meta", {
+    meta = json_frame("meta", {
         "route": call.route.name, "target": target.name, "provider": target.provider.name,
         "model": answer.stream.model, "degraded": answer.degraded, "notice": notice,
         "attempts": [a.to_json() for a in call.attempts],
-    }))
+    })
+
+    def encode(frame: StreamFrame, _resumed: bool) -> bytes:
+        out = b""
+        for event in frame.events:
+            if isinstance(event, TextDelta):
+                out += json_frame("delta", {"text": event.text})
+            elif isinstance(event, StreamEnd):
+                out += json_frame("done", {
+                    "usage": {"input_tokens": event.usage.input_tokens, "output_tokens": event.usage.output_tokens},
+                    "degraded": answer.degraded, "stop_reason": event.stop_reason,
+                })
+        return out
+
+    def broken(exc: StreamBroken) -> bytes:
+        return json_frame("error", {"type": exc.error_type, "message": exc.message})
+
+    return await relay_stream(state, request, call, answer, headers, encode, broken, prologue=meta)
+
+
+async def relay_stream(
+    state: SidecarState,
+    request: web.Request,
+    call: Call,
+    answer: Answer,
+    headers: dict[str, str],
+    encode: Callable[[StreamFrame, bool], bytes],
+    broken: Callable[[StreamBroken], bytes],
+    prologue: bytes = b"",
+) -> tuple[web.StreamResponse, str]:
+    """Pump a committed stream to the app in its own framing; returns the response and the outcome.
+
+    The upstream is closed on every way out (`aclosing`): a client that stops reading (write deadline,
+    HOSTILE D6) or goes away (D7) stops the tokens being generated for nobody.
+    """
+    assert answer.stream is not None
+    response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    spec = call.route.spec
     try:
-        async for frame, _resumed in follow(answer, call.route.spec.resume_streams,
-                                            call.route.spec.attempt_timeout):
-            for event in frame.events:
-                if isinstance(event, TextDelta):
-                    await write_or_give_up(response, json_frame("delta", {"text": event.text}))
-                elif isinstance(event, StreamEnd):
-                    record_usage(state, answer, answer.stream.model, event.usage)
-                    await write_or_give_up(response, json_frame("done", {
-                        "usage": {"input_tokens": event.usage.input_tokens,
-                                  "output_tokens": event.usage.output_tokens},
-                        "degraded": answer.degraded, "stop_reason": event.stop_reason,
-                    }))
-    except StreamBroken as exc:
-        await write_or_give_up(response, json_frame("error", {"type": exc.error_type, "message": exc.message}))
+        await write_or_give_up(response, prologue)
+        async with contextlib.aclosing(follow(answer, spec.resume_streams, spec.attempt_timeout)) as frames:
+            try:
+                async for frame, resumed in frames:
+                    await write_or_give_up(response, encode(frame, resumed))
+                    for event in frame.events:
+                        if isinstance(event, StreamEnd):
+                            record_usage(state, answer, answer.stream.model, event.usage)
+            except StreamBroken as exc:
+                await write_or_give_up(response, broken(exc))
+                await response.write_eof()
+                return response, "stream_broken"
         await response.write_eof()
-        return response, "stream_broken"
-    await response.write_eof()
+    except (TimeoutError, ConnectionError):
+        if request.transport is not None:
+            request.transport.abort()
+        return response, "client_cancelled"
     return response, "ok"
 
 

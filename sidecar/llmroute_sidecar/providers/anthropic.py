@@ -535,6 +535,9 @@ def native_losses(body: dict[str, Any]) -> list[str]:
     Files API images, images inside tool results, server tools. A non-Anthropic target should refuse
     such a request (`untranslatable`) rather than answer a different question."""
     losses: set[str] = set()
+    output_config = body.get("output_config")
+    if isinstance(output_config, dict) and output_config.get("format") is not None:
+        losses.add("Anthropic output_config.format (structured output)")
     tools = body.get("tools")
     for tool in tools if isinstance(tools, list) else []:
         if isinstance(tool, dict) and tool.get("type", "custom") != "custom":
@@ -591,6 +594,7 @@ class AnthropicAppCodec(AppCodec):
     """
 
     dialect = DIALECT
+    forwarded_headers = ("anthropic-beta", "anthropic-version")
 
     def decode_request(self, body: dict[str, Any]) -> ChatRequest:
         if not isinstance(body.get("model"), str):

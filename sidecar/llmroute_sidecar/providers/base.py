@@ -177,6 +177,9 @@ class Adapter:
     ) -> aiohttp.ClientResponse:
         body = orjson.dumps(self.encode_request(request, model, stream))
         headers = {"Content-Type": "application/json", **self.auth_headers(self._api_key)}
+        native = request.native
+        if native is not None and native.dialect == self.dialect:
+            headers.update(native.headers)  # e.g. anthropic-beta: features the app's body relies on
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 response = await self.session.post(self.url(model, stream), data=body, headers=headers)
@@ -262,6 +265,8 @@ class AppCodec:
     """The app-facing side of a dialect, for the compatible endpoints (`/anthropic`, `/openai`)."""
 
     dialect: ClassVar[str]
+    forwarded_headers: ClassVar[tuple[str, ...]] = ()
+    """Protocol headers of the app's request that a same-dialect target must receive too."""
 
     def decode_request(self, body: dict[str, Any]) -> ChatRequest:
         """The app's body -> neutral request (keeping `native`); RequestError for what we must parse."""

@@ -558,6 +558,7 @@ class OpenAIAppCodec(AppCodec):
     """`/openai/v1/chat/completions`: what an app's OpenAI SDK sends and expects back."""
 
     dialect = DIALECT
+    forwarded_headers = ("openai-organization", "openai-project", "openai-beta")
 
     def decode_request(self, body: Body) -> ChatRequest:
         model = body.get("model")

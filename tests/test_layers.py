@@ -15,7 +15,7 @@ import pytest
 
 SIDECAR = Path(__file__).resolve().parents[1] / "sidecar" / "llmroute_sidecar"
 ENGINE = ["policy", "strategies", "budgets", "health", "runtime", "streams", "checks", "prompts", "messages",
-          "errors", "sse", "durations", "statuspages", "telemetry"]
+          "errors", "sse", "durations", "statuspages", "statuspolling", "statusboard", "telemetry"]
 SERVER_SIDE = {"server", "compat", "cli", "reloading"}
 CONCRETE_PROVIDERS = {"anthropic", "openai", "gemini"}
 

@@ -40,7 +40,7 @@ from .kubeapi import KubeApi, KubeApiError
 from .settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from llmroute_sidecar.statuspages import StatusBoard
+    from llmroute_sidecar.statusboard import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ async def keep_board_fresh(board: StatusBoard, source: PolicySource, interval: f
 @contextlib.asynccontextmanager
 async def relay_board(settings: Settings, source: PolicySource) -> AsyncIterator[StatusBoard]:
     """A status board kept configured with every policy's pages, for the lifetime of the block."""
-    from llmroute_sidecar.statuspages import StatusBoard
+    from llmroute_sidecar.statusboard import StatusBoard
 
     async with aiohttp.ClientSession() as session:
         board = StatusBoard(session)

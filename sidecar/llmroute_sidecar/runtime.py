@@ -23,7 +23,8 @@ from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_
 from .prompts import PromptTemplate, compile_template
 from .providers import adapter_for
 from .providers.base import Adapter
-from .statuspages import DEFAULT_MIN_INTERVAL, StatusBoard
+from .statusboard import StatusBoard
+from .statuspages import DEFAULT_MIN_INTERVAL
 
 _NEUTRAL_PARAMS = {"max_tokens", "temperature", "top_p", "stop", "stop_sequences"}
 

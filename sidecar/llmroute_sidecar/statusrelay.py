@@ -5,7 +5,7 @@ Why: hundreds of pods each polling status.claude.com every 30 s get a WAF challe
 operator runs one `StatusBoard`, configured with the providers of every policy, and serves its pollers'
 latest readings here (`build_relay_app`); sidecars given `LLMROUTE_STATUS_RELAY` read them with
 `RelayClient` instead of the pages. If the relay fails twice in a row a sidecar polls the page itself and
-keeps trying the relay (E4; see `statuspages.StatusPagePoller`).
+keeps trying the relay (E4; see `statuspolling.StatusPagePoller`).
 
 Wire format, `GET /v1/statuspages` (no request body, no state changed by readers: there is no way for a
 pod to make the operator poll an arbitrary URL):
@@ -37,16 +37,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .statuspages import (
-    MAX_BODY,
-    USER_AGENT,
-    Reading,
-    RelayEntry,
-    RelayUnavailable,
-    StatusBoard,
-    StatusPagePoller,
-    iso_time,
-)
+from .statusboard import StatusBoard
+from .statuspages import MAX_BODY, Reading
+from .statuspolling import USER_AGENT, RelayEntry, RelayUnavailable, StatusPagePoller, iso_time
 
 log = logging.getLogger(__name__)
 

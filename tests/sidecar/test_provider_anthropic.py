@@ -38,12 +38,8 @@ from llmroute_sidecar.messages import (
     Usage,
 )
 from llmroute_sidecar.policy import Provider
-from llmroute_sidecar.providers.anthropic import (
-    AnthropicAdapter,
-    AnthropicAppCodec,
-    AnthropicStreamDecoder,
-    native_losses,
-)
+from llmroute_sidecar.providers.anthropic import AnthropicAdapter, AnthropicStreamDecoder
+from llmroute_sidecar.providers.anthropic_app import AnthropicAppCodec, native_losses
 from llmroute_sidecar.providers.base import AttemptTimeouts, StreamFrame
 from llmroute_sidecar.sse import SseEvent, SseParser
 

@@ -44,12 +44,11 @@ from llmroute_sidecar.providers.base import AttemptTimeouts, StreamFrame
 from llmroute_sidecar.providers.openai import (
     RAW_ARGUMENTS_KEY,
     OpenAIAdapter,
-    OpenAIAppCodec,
     OpenAIStreamDecoder,
-    OpenAIStreamEncoder,
     error_details,
     ratelimit_reset,
 )
+from llmroute_sidecar.providers.openai_app import OpenAIAppCodec, OpenAIStreamEncoder
 from llmroute_sidecar.sse import SseEvent, SseParser
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"

@@ -23,17 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from llmroute_sidecar.policy import Provider
-from llmroute_sidecar.statuspages import (
-    FAIL_OPEN_AFTER,
-    MAX_BODY,
-    Reading,
-    StatusBoard,
-    backoff_cap,
-    backoff_delay,
-    page_key,
-    parse_google_cloud,
-    parse_statuspage,
-)
+from llmroute_sidecar.statusboard import FAIL_OPEN_AFTER, StatusBoard
+from llmroute_sidecar.statuspages import MAX_BODY, Reading, page_key, parse_google_cloud, parse_statuspage
+from llmroute_sidecar.statuspolling import backoff_cap, backoff_delay
 from llmroute_sidecar.statusrelay import RELAY_PATH, build_relay_app, decode_document, relay_endpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"  # copies of shared/ captures

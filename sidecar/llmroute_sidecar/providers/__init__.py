@@ -1,7 +1,7 @@
 """Provider adapters: one module per vendor's wire format; the engine only sees `Adapter`.
 
-`adapter_for` builds the adapter of a provider type; `app_codec` the app-facing codec of a dialect
-(for the compatible endpoints).
+`adapter_for` builds the adapter of a provider type (`anthropic.py`, `openai.py`, `gemini.py`); `app_codec`
+the app-facing codec of a dialect, for the compatible endpoints (`anthropic_app.py`, `openai_app.py`).
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import aiohttp
 
 from ..policy import Provider
-from .anthropic import AnthropicAdapter, AnthropicAppCodec
+from .anthropic import AnthropicAdapter
+from .anthropic_app import AnthropicAppCodec
 from .base import Adapter, AppCodec
 from .gemini import GeminiAdapter
-from .openai import OpenAIAdapter, OpenAIAppCodec
+from .openai import OpenAIAdapter
+from .openai_app import OpenAIAppCodec
 
 _ADAPTERS: dict[str, type[Adapter]] = {
     "anthropic": AnthropicAdapter,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -50,6 +50,7 @@ from ..messages import (
 )
 from ..sse import SseEvent
 from .base import Adapter, StreamDecoder
+from .shared import Classifier, generation_params
 
 API_VERSION = "v1beta"
 """The version with every feature we translate (systemInstruction, parametersJsonSchema, toolConfig)."""
@@ -103,8 +104,6 @@ _GENERATION_FIELDS = frozenset(
         "mediaResolution",
     }
 )
-
-Classify = Callable[[int, Mapping[str, str], bytes], UpstreamError]
 
 
 class GeminiAdapter(Adapter):
@@ -204,7 +203,7 @@ class GeminiStreamDecoder(StreamDecoder):
 
     __slots__ = ("_calls", "_classify", "_done", "_prefix", "_started", "_usage")
 
-    def __init__(self, classify: Classify) -> None:
+    def __init__(self, classify: Classifier) -> None:
         self._classify = classify
         self._started = False
         self._done = False
@@ -269,7 +268,7 @@ def _encode_neutral(request: ChatRequest) -> dict[str, Any]:
         # A calling config without declarations is refused, and moot anyway.
         if request.tool_choice is not None:
             body["toolConfig"] = {"functionCallingConfig": _calling_config(request.tool_choice)}
-    config = _generation_config(request)
+    config = generation_params(request, max_tokens="maxOutputTokens", top_p="topP", stop="stopSequences")
     if config:
         body["generationConfig"] = config
     return body
@@ -363,19 +362,6 @@ def _calling_config(choice: str) -> dict[str, Any]:
     if mode is not None:
         return {"mode": mode}
     return {"mode": "ANY", "allowedFunctionNames": [choice]}
-
-
-def _generation_config(request: ChatRequest) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    if request.max_tokens is not None:
-        config["maxOutputTokens"] = request.max_tokens
-    if request.temperature is not None:
-        config["temperature"] = request.temperature
-    if request.top_p is not None:
-        config["topP"] = request.top_p
-    if request.stop:
-        config["stopSequences"] = list(request.stop)
-    return config
 
 
 def _merge_extra(body: dict[str, Any], extra: dict[str, Any]) -> None:

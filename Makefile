@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?=
+SIMULATE_ARGS ?=
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -26,14 +27,14 @@ test: $(STAMP) ## run every test (sidecar, operator, CRDs, chart, lint)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict
-	$(VENV)/bin/ruff check operator sidecar tests
+	$(VENV)/bin/ruff check operator sidecar tests bench
 	$(VENV)/bin/mypy
 
 demo: $(STAMP) ## the main job: fake providers, the real sidecar, failover you can watch
 	$(VENV)/bin/llmroute demo $(DEMO_ARGS)
 
 simulate: $(STAMP) ## compare failover strategies on a scenario
-	$(VENV)/bin/llmroute simulate $(DEMO_ARGS)
+	$(VENV)/bin/llmroute simulate $(SIMULATE_ARGS)
 
 bench: $(STAMP) ## sidecar overhead vs a bare pass-through proxy (latency, throughput, RSS)
 	$(PY) bench/bench.py $(BENCH_ARGS)

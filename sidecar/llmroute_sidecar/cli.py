@@ -95,7 +95,7 @@ def run_sidecar(policy: Path, listen: str, drain_timeout: float) -> int:
 async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> None:
     from aiohttp import web
 
-    from .server import STATE, create_app
+    from .server import create_app, shut_down
     from .telemetry import tracer_provider_from_env
 
     app = create_app(
@@ -103,8 +103,11 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
         status_relay=os.environ.get("LLMROUTE_STATUS_RELAY") or None,
         tracer_provider=tracer_provider_from_env(),
     )
+    # keepalive_timeout: aiohttp keeps an idle connection for an hour by default; SDK pools drop theirs
+    # after seconds. No header-read deadline exists in aiohttp (slowloris, HOSTILE D5): the default
+    # listen address is loopback, reachable only from inside the pod.
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
+        app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None, keepalive_timeout=75.0
     )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
@@ -117,9 +120,8 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    app[STATE].draining = True
     logging.getLogger("llmroute").info(orjson.dumps({"event": "draining"}).decode())
-    await runner.cleanup()  # stops accepting, waits for in-flight handlers up to drain_timeout
+    await shut_down(runner, drain_timeout)  # readiness off, stop accepting, drain, then end what is left
 
 
 if __name__ == "__main__":

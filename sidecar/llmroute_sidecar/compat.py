@@ -10,15 +10,19 @@ gets the conversation translated, with its own system prompt, and the answer is 
 Whatever key the app sent is ignored and never forwarded.
 
 Errors keep the dialect's own envelope. When the sidecar gives up it says `x-should-retry: false`: it
-already retried, and the SDK's own retries would multiply the load (PROVIDERS.md 2).
+already retried, and the SDK's own retries would multiply the load (PROVIDERS.md 2). A request shed
+because the sidecar is at capacity is the exception (nothing went upstream): Anthropic's 529
+`overloaded_error` / OpenAI's 503, with `x-should-retry: true` and a short jittered wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 from opentelemetry import trace
 
@@ -29,15 +33,20 @@ from .providers.base import AppCodec, StreamFrame
 from .runtime import CompiledTarget
 from .server import (
     STATE,
+    Draining,
     SidecarState,
+    Ticket,
     answer_headers,
     finish,
+    finish_error,
     give_up_status,
     json_response,
     new_call,
     read_json,
     record_usage,
     relay_stream,
+    run_drainable,
+    shed_headers,
 )
 from .strategies import Answer, Call, GaveUp
 
@@ -55,20 +64,36 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, "openai")
 
 
+_OVERLOAD_STATUS = {"anthropic": 529, "openai": 503}
+"""What each provider itself answers when overloaded (the SDKs retry both)."""
+
+
 async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
     state = request.app[STATE]
     codec = app_codec(dialect)
+    ticket = state.admit(request)
+    if ticket is None:
+        status = _OVERLOAD_STATUS.get(dialect, 503)
+        body = codec.error_body(status, "overloaded_error", "the llmroute sidecar is at capacity; retry shortly")
+        return json_response(status, body, shed_headers())
+    try:
+        return await _serve_admitted(state, request, codec, ticket)
+    finally:
+        ticket.release()
+
+
+async def _serve_admitted(
+    state: SidecarState, request: web.Request, codec: AppCodec, ticket: Ticket
+) -> web.StreamResponse:
     runtime = state.runtime
     with state.telemetry.request_span(f"POST {request.path}", None) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "api_error")
-            body = await read_json(request)
+            body = await read_json(request, ticket)
             app_request = codec.decode_request(body)
             if app_request.native is not None:
-                app_request.native.headers = {
-                    name: request.headers[name] for name in codec.forwarded_headers if name in request.headers
-                }
+                app_request.native.headers = forwarded_headers(request, codec.forwarded_headers)
             model = body["model"]
             named = request.headers.get("llmroute-route")
             if named is not None:
@@ -82,7 +107,7 @@ async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
                 raise RequestError(404, f'no route for model "{model}" and no defaultRoute', "not_found_error")
             stream = body.get("stream", False) is True
         except RequestError as exc:
-            return _error(codec, exc.status, exc.error_type, exc.message, {})
+            return finish_error(_error(codec, exc.status, exc.error_type, exc.message, {}))
 
         def build(target: CompiledTarget) -> Any:
             own = dataclasses.replace(app_request)
@@ -109,10 +134,13 @@ async def _answer(
     outcome = "client_cancelled"
     try:
         try:
-            answer = await state.engine.run(call)
+            answer = await run_drainable(state, call)
         except ClientError as exc:
             outcome = "client_error"
             return _upstream_error(codec, exc, exc.status or 400, answer_headers(call, None))
+        except Draining:
+            outcome = "drained"
+            return _error(codec, 503, "api_error", "the llmroute sidecar is shutting down", answer_headers(call, None))
         except GaveUp as exc:
             outcome = "failed"
             headers = answer_headers(call, None)
@@ -160,11 +188,22 @@ async def _stream(
     return await relay_stream(state, request, call, answer, headers, encode, broken)
 
 
+def forwarded_headers(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The app's protocol headers a same-dialect target must see too (`anthropic-beta`...): an allow-list,
+    so hop-by-hop headers, keys and control headers such as `x-envoy-*` never travel (HOSTILE D8, D9).
+    A name the app's `Connection` header lists is hop-by-hop (RFC 9110 7.6.1) even when allowed."""
+    hop = {
+        token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
+    }
+    return {name: request.headers[name] for name in allowed if name in request.headers and name not in hop}
+
+
 def _upstream_error(
     codec: AppCodec, error: UpstreamError, status: int, headers: dict[str, str]
 ) -> web.Response:
-    """The provider's own error body when it speaks the app's dialect; else the same facts, translated."""
-    if error.body and error.dialect == codec.dialect:
+    """The provider's own error body when it speaks the app's dialect (and is a JSON object: a proxy's
+    plain-text 503 is not); else the same facts, translated into the dialect's envelope."""
+    if error.body and error.dialect == codec.dialect and _json_object(error.body):
         return web.Response(
             status=status,
             body=error.body,
@@ -180,8 +219,16 @@ def _error(codec: AppCodec, status: int, error_type: str, message: str, headers:
     )
 
 
+def _json_object(body: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _retry_after(error: UpstreamError) -> dict[str, str]:
-    """Relayed as whole seconds (what every SDK parses)."""
-    if error.retry_after is None:
+    """Relayed as whole seconds (what every SDK parses), rounded up: never sooner than asked."""
+    wait = error.retry_after
+    if wait is None or not math.isfinite(wait):
         return {}
-    return {"retry-after": str(max(1, round(error.retry_after)))}
+    return {"retry-after": str(max(1, math.ceil(wait)))}

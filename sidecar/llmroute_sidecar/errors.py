@@ -88,9 +88,13 @@ class ClientError(UpstreamError):
 
 
 class StreamBroken(LLMRouteError):
-    """The upstream stream failed after the answer was committed to the app."""
+    """The upstream stream failed after the answer was committed to the app.
 
-    def __init__(self, message: str, error_type: str = "api_error") -> None:
+    `condition` is the upstream failure's (`timeout` for a stall: HOSTILE U5), `draining` when the
+    sidecar itself is shutting down (E5)."""
+
+    def __init__(self, message: str, error_type: str = "api_error", condition: int | str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.error_type = error_type
+        self.condition = condition

@@ -2,7 +2,8 @@
 
 Prompts are maintained per model (a fallback model gets its own wording), so every target compiles its
 own template, once per policy load. Jinja runs sandboxed (templates come from a policy, variables from
-the request) and strict: a missing variable is the app's error, reported before any upstream call.
+the request) and strict: a missing variable, or one of a type the template cannot use, is the app's
+error (400), reported before any upstream call.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class PromptTemplate:
             raise RequestError(400, f"template failed to render: {exc}") from None
         except RecursionError:
             raise RequestError(400, "template failed to render: too deep") from None
+        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+            # A variable of the wrong type for the template (`join` on a number, `+` on a string...):
+            # the request's fault, a 400, never a 500.
+            raise RequestError(400, f"template failed to render: {type(exc).__name__}: {exc}") from None
 
 
 def compile_template(source: str | None) -> PromptTemplate:

@@ -4,7 +4,8 @@ In a cluster the file is a ConfigMap volume: the kubelet writes a new timestampe
 the `..data` symlink atomically (HOSTILE.md E2), so the file's resolved path changes while its own
 mtime may not. The watcher therefore compares the resolved path *and* stat data, polled (cheap, and
 immune to inotify's missed events on symlink swaps). A half-written or invalid file is refused: the
-last good policy keeps serving and `/status` shows the error; the next good write applies.
+last good policy keeps serving and `/status` shows the error; the next good write applies. Even an
+unexpected failure while applying a policy is a refusal (shown, counted), never a crash at startup.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class PolicyWatcher:
         except OSError as exc:
             self._refuse(f"policy file {self.path} could not be read: {exc.strerror}")
             self._seen = None
+            return False
+        except Exception as exc:  # a bug must not crash startup or freeze reloads silently: refuse, show it
+            log.exception("policy could not be applied, keeping the last good one")
+            self._refuse(f"policy could not be applied: {type(exc).__name__}")
             return False
         log.info("policy applied from %s", self.path)
         return True

@@ -8,6 +8,17 @@ The compatible endpoints (`/anthropic`, `/openai`) live in `compat.py` and share
 aiohttp defaults that bite a proxy are set on purpose (PROVIDERS.md 8): a 32 MiB body limit like
 Anthropic's, handler cancellation on client disconnect (stop paying for tokens nobody reads), a
 body-read deadline so a never-ending upload gets a 408 instead of a stuck handler.
+
+Load shedding (HOSTILE E6, D3): at most `max_in_flight` proxied requests run at once and at most
+`max_buffered_bytes` of request bodies are held at once (a single body is always admitted up to the
+32 MiB limit). Beyond that a request is refused before its body is read, in the caller's dialect
+(Anthropic 529 `overloaded_error`, OpenAI 503, route API 503 `overloaded`) with `x-should-retry:
+true` and a jittered `retry-after-ms`: nothing was sent upstream, so the SDK's own backoff is the
+right retry (it is bounded: 2 retries by default), unlike a give-up where the sidecar already retried.
+
+Draining (E5, `shut_down`): readiness fails, the listener stops accepting, in-flight requests finish;
+`DRAIN_MARGIN` before the drain deadline the ones still running end in their dialect's own error
+(streams: a terminal error event, never a silent truncation) instead of being cut off.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +37,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from opentelemetry import trace
 
 from .checks import parse_json_answer
@@ -34,14 +48,21 @@ from .providers.base import StreamFrame
 from .reloading import PolicyWatcher
 from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
 from .sse import json_frame
-from .strategies import Answer, Call, Engine, GaveUp
+from .strategies import STREAM_IDLE_TIMEOUT, Answer, Call, Engine, GaveUp
 from .streams import follow
 from .telemetry import Telemetry
 
 MAX_BODY = 32 * 1024 * 1024
 BODY_TIMEOUT = 30.0
+"""A request body not fully received by then gets a 408 and nothing goes upstream (HOSTILE D4)."""
 WRITE_TIMEOUT = 30.0
 """A client that does not drain its stream for this long is gone: stop the upstream (HOSTILE D6)."""
+MAX_IN_FLIGHT = 512
+"""Proxied requests served at once (`LLMROUTE_MAX_IN_FLIGHT`); more are shed (HOSTILE E6)."""
+MAX_BUFFERED_BYTES = 128 * 1024 * 1024
+"""Request-body bytes held at once (`LLMROUTE_MAX_BUFFERED_BYTES`); more are shed (HOSTILE D3, E6)."""
+DRAIN_MARGIN = 2.0
+"""Seconds before the drain deadline at which requests still running are ended with an error (E5)."""
 CLIENT_DEADLINE_MARGIN = 0.5
 request_log = logging.getLogger("llmroute.requests")
 _HINT_HEADERS = ("x-stainless-timeout", "x-stainless-read-timeout", "x-server-timeout")
@@ -62,6 +83,14 @@ class SidecarState:
     draining: bool = False
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    max_in_flight: int = MAX_IN_FLIGHT
+    buffered_bytes: int = 0
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+    body_timeout: float | None = None
+    """None: the module's BODY_TIMEOUT."""
+    ending: bool = False
+    """Set near the drain deadline: every request still running ends with an error now."""
+    _scopes: set[asyncio.Timeout] = field(default_factory=set)
 
     def apply(self, policy: LoadedPolicy) -> None:
         """Swap in a new policy (compiled first: a policy that fails to compile changes nothing)."""
@@ -75,6 +104,61 @@ class SidecarState:
         self.last_error_at = _now()
         self.telemetry.reload_errors.inc()
 
+    def end_in_flight(self) -> None:
+        """The drain deadline is near: end every request still running with its dialect's error."""
+        self.ending = True
+        now = asyncio.get_running_loop().time()
+        for scope in list(self._scopes):
+            scope.reschedule(now)
+
+    @contextlib.asynccontextmanager
+    async def drainable(self) -> AsyncIterator[asyncio.Timeout]:
+        """A scope `end_in_flight` interrupts: the block raises TimeoutError with `scope.expired()`."""
+        async with asyncio.timeout(None) as scope:
+            self._scopes.add(scope)
+            try:
+                if self.ending:
+                    scope.reschedule(asyncio.get_running_loop().time())
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def admit(self, request: web.Request) -> Ticket | None:
+        """Let a proxied request in, or None when the sidecar is at capacity (shed it, unread)."""
+        declared = request.content_length
+        reserve = declared if declared is not None and 0 < declared <= MAX_BODY else 0
+        reason: str | None = None
+        if self.in_flight >= self.max_in_flight:
+            reason = "in-flight"
+        elif reserve and self.buffered_bytes and self.buffered_bytes + reserve > self.max_buffered_bytes:
+            reason = "buffered-bytes"
+        if reason is not None:
+            self.telemetry.load_shed.labels(reason).inc()
+            return None
+        self.in_flight += 1
+        self.buffered_bytes += reserve
+        return Ticket(self, reserve)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: what it holds of the sidecar's capacity until `release()`."""
+
+    state: SidecarState
+    body_bytes: int = 0
+    released: bool = False
+
+    def hold(self, size: int) -> None:
+        """The body was read: hold its actual size (a chunked body declared none)."""
+        self.state.buffered_bytes += size - self.body_bytes
+        self.body_bytes = size
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.in_flight -= 1
+            self.state.buffered_bytes -= self.body_bytes
+
 
 STATE = web.AppKey("state", SidecarState)
 
@@ -87,18 +171,40 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
     watch_interval: float = 1.0,
     statuspage_min_interval: float | None = None,
+    max_in_flight: int | None = None,
+    max_buffered_bytes: int | None = None,
+    body_timeout: float | None = None,
+    stream_idle_timeout: float | None = None,
 ) -> web.Application:
     """The sidecar app, for a policy file (watched) or an already loaded policy (tests, simulator).
 
     `statuspage_min_interval` lowers the status pollers' floor (10 s: Claude's cache time) for tests
-    and compressed-time simulations."""
+    and compressed-time simulations. `max_in_flight` (`LLMROUTE_MAX_IN_FLIGHT`, 512) and
+    `max_buffered_bytes` (`LLMROUTE_MAX_BUFFERED_BYTES`, 128 MiB) cap the load admitted at once;
+    `body_timeout` (30 s) bounds reading a request body; `stream_idle_timeout`
+    (`LLMROUTE_STREAM_IDLE_TIMEOUT`, 90 s) is the longest upstream silence inside a stream."""
     app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
+    in_flight = max_in_flight if max_in_flight is not None else _env_number("LLMROUTE_MAX_IN_FLIGHT", MAX_IN_FLIGHT)
+    buffered = (
+        max_buffered_bytes
+        if max_buffered_bytes is not None
+        else _env_number("LLMROUTE_MAX_BUFFERED_BYTES", MAX_BUFFERED_BYTES)
+    )
+    idle = (
+        stream_idle_timeout
+        if stream_idle_timeout is not None
+        else float(_env_number("LLMROUTE_STREAM_IDLE_TIMEOUT", STREAM_IDLE_TIMEOUT))
+    )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         upstreams = Upstreams(status_relay, statuspage_min_interval)
         telemetry = Telemetry(tracer_provider)
         board = upstreams.status
-        state = SidecarState(upstreams, telemetry, Engine(telemetry, board.shed_share), policy_path)
+        engine = Engine(telemetry, board.shed_share, idle_timeout=idle)
+        state = SidecarState(upstreams, telemetry, engine, policy_path)
+        state.max_in_flight = max(1, int(in_flight))
+        state.max_buffered_bytes = max(1, int(buffered))
+        state.body_timeout = body_timeout
         app[STATE] = state
         telemetry.read_state_with(lambda: _refresh_gauges(state))
         watcher: PolicyWatcher | None = None
@@ -131,16 +237,56 @@ def create_app(
     return app
 
 
-# ----- shared by the route API and the compatible endpoints -----------------------------------------------
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or RequestError (400 bad JSON, 413 too large, 408 stuck)."""
+def _env_number(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
     try:
-        async with asyncio.timeout(BODY_TIMEOUT):
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name}: not a number: {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name}: must be positive, got {value!r}")
+    return number
+
+
+async def shut_down(runner: web.AppRunner, drain_timeout: float) -> None:
+    """Drain and stop (HOSTILE E5): fail readiness, stop accepting connections, let in-flight requests
+    finish; `DRAIN_MARGIN` before `drain_timeout` (at most a quarter of it) end those still running
+    with their dialect's error, streams with a terminal error event. aiohttp cancels whatever is left
+    at `drain_timeout` (the runner's `shutdown_timeout`)."""
+    state = runner.app.get(STATE)
+    handle: asyncio.TimerHandle | None = None
+    if state is not None:
+        state.draining = True
+        margin = min(DRAIN_MARGIN, drain_timeout / 4)
+        handle = asyncio.get_running_loop().call_later(max(0.0, drain_timeout - margin), state.end_in_flight)
+    try:
+        await runner.cleanup()
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+# ----- shared by the route API and the compatible endpoints -----------------------------------------------
+async def read_json(request: web.Request, ticket: Ticket | None = None) -> dict[str, Any]:
+    """The request body as a JSON object, or RequestError (400 bad JSON, 413 too large, 408 stuck).
+
+    The body is read whole before anything goes upstream (it is replayed on retries), within the
+    body deadline: a truncated or never-ending upload is a 408, never a partial request upstream."""
+    state = request.app[STATE]
+    timeout = state.body_timeout if state.body_timeout is not None else BODY_TIMEOUT
+    try:
+        async with asyncio.timeout(timeout):
             raw = await request.read()
     except TimeoutError:
         raise RequestError(408, "request body not received in time", "timeout_error") from None
     except web.HTTPRequestEntityTooLarge:
         raise RequestError(413, f"request body larger than {MAX_BODY} bytes", "request_too_large") from None
+    except RequestPayloadError:  # a body aiohttp cannot decode: broken gzip, chunk framing, cut short
+        raise RequestError(400, "request body could not be read (its framing or Content-Encoding is broken)") from None
+    if ticket is not None:
+        ticket.hold(len(raw))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -196,7 +342,7 @@ def answer_headers(call: Call, answer: Answer | None, attempts: int | None = Non
     if call.shed_reason is not None:
         headers["llmroute-shed-reason"] = call.shed_reason
     notice = call.route.spec.degraded_notice
-    if answer is not None and answer.degraded and notice and notice.isascii():
+    if answer is not None and answer.degraded and notice and notice.isascii() and notice.isprintable():
         headers["llmroute-notice"] = notice
     return headers
 
@@ -237,6 +383,24 @@ def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) ->
     )
 
 
+def shed_headers() -> dict[str, str]:
+    """Load shedding: nothing was sent upstream, so the SDK may retry, after a jittered wait (both
+    official SDKs read `retry-after-ms` first; `retry-after` is for everyone else)."""
+    return {
+        "x-should-retry": "true",
+        "retry-after": "1",
+        "retry-after-ms": str(random.randint(500, 1500)),
+        "llmroute-shed-reason": "overloaded",
+    }
+
+
+def finish_error(response: web.Response) -> web.Response:
+    """A 408 leaves the rest of the body unread on the connection: close it rather than linger."""
+    if response.status == 408:
+        response.force_close()
+    return response
+
+
 async def write_or_give_up(response: web.StreamResponse, data: bytes) -> None:
     """Write with backpressure; a client that stops reading is treated as gone."""
     if data:
@@ -254,13 +418,24 @@ def json_response(status: int, body: Any, headers: Mapping[str, str] | None = No
 async def route_api(request: web.Request) -> web.StreamResponse:
     """`POST /v1/routes/{route}`: the policy's own prompts, rendered with the request's variables."""
     state = request.app[STATE]
+    ticket = state.admit(request)
+    if ticket is None:
+        body = {"error": {"type": "overloaded", "message": "the sidecar is at capacity; retry shortly"}}
+        return json_response(503, body, shed_headers())
+    try:
+        return await _route_api(state, request, ticket)
+    finally:
+        ticket.release()
+
+
+async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) -> web.StreamResponse:
     runtime = state.runtime
     name = request.match_info["route"]
     with state.telemetry.request_span(f"POST /v1/routes/{name}", name) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "unavailable")
-            body = await read_json(request)
+            body = await read_json(request, ticket)
             route = runtime.route(name)
             if route is None:
                 raise RequestError(404, f'unknown route "{name}"', "not_found_error")
@@ -273,7 +448,7 @@ async def route_api(request: web.Request) -> web.StreamResponse:
             # Every target's prompt renders now, so a missing variable fails before any upstream call.
             prepared = {t.name: t.route_request(variables) for t in route.targets}
         except RequestError as exc:
-            return _route_error(exc.status, exc.error_type, exc.message)
+            return finish_error(_route_error(exc.status, exc.error_type, exc.message))
         call = new_call(route, request, lambda target: prepared[target.name], stream)
         return await _serve_route(state, request, span, call)
 
@@ -286,12 +461,15 @@ async def _serve_route(
     outcome = "client_cancelled"
     try:
         try:
-            answer = await state.engine.run(call)
+            answer = await run_drainable(state, call)
         except ClientError as exc:
             outcome = "client_error"
             return _route_error(
                 exc.status or 400, exc.error_type, exc.message, call, answer_headers(call, None)
             )
+        except Draining:
+            outcome = "drained"
+            return _route_error(503, "unavailable", "the sidecar is shutting down", call, answer_headers(call, None))
         except GaveUp as exc:
             outcome = "failed"
             return _route_error(
@@ -367,6 +545,21 @@ async def _stream_route(
     return await relay_stream(state, request, call, answer, headers, encode, broken, prologue=meta)
 
 
+class Draining(Exception):
+    """The sidecar is ending the requests still running (drain deadline near)."""
+
+
+async def run_drainable(state: SidecarState, call: Call) -> Answer:
+    """The engine's answer, unless the drain deadline interrupts it (Draining; upstream closed)."""
+    try:
+        async with state.drainable() as scope:
+            return await state.engine.run(call)
+    except TimeoutError:
+        if scope.expired():
+            raise Draining from None
+        raise
+
+
 async def relay_stream(
     state: SidecarState,
     request: web.Request,
@@ -379,32 +572,50 @@ async def relay_stream(
 ) -> tuple[web.StreamResponse, str]:
     """Pump a committed stream to the app in its own framing; returns the response and the outcome.
 
-    The upstream is closed on every way out (`aclosing`): a client that stops reading (write deadline,
-    HOSTILE D6) or goes away (D7) stops the tokens being generated for nobody.
+    The upstream is closed on every way out (`aclosing`, and the final `aclose` for a client gone
+    before the first byte was written): a client that stops reading (write deadline, HOSTILE D6) or goes
+    away (D7) stops the tokens being generated for nobody. A stall past the idle timeout (U5) or any
+    other break ends with the dialect's error event, and so does the drain deadline (E5).
     """
-    assert answer.stream is not None
+    live = answer.stream
+    assert live is not None
     response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
-    await response.prepare(request)
     spec = call.route.spec
+    scope: asyncio.Timeout | None = None
     try:
-        await write_or_give_up(response, prologue)
-        async with contextlib.aclosing(follow(answer, spec.resume_streams, spec.attempt_timeout)) as frames:
-            try:
-                async for frame, resumed in frames:
-                    await write_or_give_up(response, encode(frame, resumed))
-                    for event in frame.events:
-                        if isinstance(event, StreamEnd):
-                            record_usage(state, answer, answer.stream.model, event.usage)
-            except StreamBroken as exc:
-                await write_or_give_up(response, broken(exc))
-                await response.write_eof()
-                return response, "stream_broken"
+        await response.prepare(request)
+        try:
+            async with state.drainable() as scope:
+                await write_or_give_up(response, prologue)
+                stream = follow(answer, spec.resume_streams, spec.attempt_timeout, state.engine.idle_timeout)
+                async with contextlib.aclosing(stream) as frames:
+                    async for frame, resumed in frames:
+                        await write_or_give_up(response, encode(frame, resumed))
+                        for event in frame.events:
+                            if isinstance(event, StreamEnd):
+                                record_usage(state, answer, live.model, event.usage)
+        except StreamBroken as exc:
+            await write_or_give_up(response, broken(exc))
+            await response.write_eof()
+            return response, "stream_stalled" if exc.condition == "timeout" else "stream_broken"
+        except TimeoutError:
+            if scope is None or not scope.expired():
+                raise
+            # Draining: end with the dialect's error event (the SDK raises), never a silent cut.
+            await write_or_give_up(response, broken(StreamBroken("the sidecar is shutting down", "overloaded_error")))
+            await response.write_eof()
+            return response, "drained"
         await response.write_eof()
     except (TimeoutError, ConnectionError):
         if request.transport is not None:
             request.transport.abort()
         return response, "client_cancelled"
+    finally:
+        rest = getattr(live.rest, "aclose", None)
+        if rest is not None:  # a no-op when `follow` already closed it
+            with contextlib.suppress(Exception):
+                await rest()
     return response, "ok"
 
 
@@ -465,6 +676,13 @@ async def status(request: web.Request) -> web.Response:
         "providers": state.upstreams.status.snapshot(),
         "retryBudgets": {name: b.snapshot() for name, b in state.upstreams.budgets().items()},
         "routes": routes,
+        "load": {
+            "inFlight": state.in_flight,
+            "maxInFlight": state.max_in_flight,
+            "bufferedBytes": state.buffered_bytes,
+            "maxBufferedBytes": state.max_buffered_bytes,
+            "draining": state.draining,
+        },
         "uptimeSeconds": round(time.monotonic() - state.started, 1),
     }
     return json_response(200, body)

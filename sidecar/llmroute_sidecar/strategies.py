@@ -13,7 +13,8 @@ Rules every strategy keeps:
 - a client error from the primary goes back to the app; nothing else is tried;
 - shedding skips the primary without spending anything on it: status page in outage, open circuit;
 - retries spend the provider's retry budget; SDK retries get no retries of ours ("don't retry retries");
-- no sleep runs past the budget; no attempt starts after the route's deadline;
+- no sleep runs past the budget; no retry starts after the route's deadline (each fallback still gets
+  its first attempt); no attempt at all starts after the client's own deadline (its timeout hint);
 - a stream commits at its first content event; everything before that can still fail over.
 """
 
@@ -103,12 +104,26 @@ class GaveUp(LLMRouteError):
         self.shed_reason = shed_reason
 
 
-class Engine:
-    """Runs calls with the strategies of their route."""
+STREAM_IDLE_TIMEOUT = 90.0
+"""Longest upstream silence between two reads of a stream (HOSTILE U4/U5: pings normally arrive every few
+seconds; stalls of 50-70 s that recover are reported, so not less than that in production)."""
 
-    def __init__(self, telemetry: Telemetry, shed_share: Callable[[str], tuple[float, str | None]]) -> None:
+
+class Engine:
+    """Runs calls with the strategies of their route.
+
+    `idle_timeout`: the longest upstream silence between two reads of a stream (and, for a plain call,
+    while its body arrives after the headers); never longer than the client's own deadline."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        shed_share: Callable[[str], tuple[float, str | None]],
+        idle_timeout: float = STREAM_IDLE_TIMEOUT,
+    ) -> None:
         self.telemetry = telemetry
         self._shed_share = shed_share
+        self.idle_timeout = idle_timeout
 
     async def run(self, call: Call) -> Answer:
         route = call.route.spec
@@ -176,6 +191,11 @@ class Engine:
         error: UpstreamError | None = None
         while True:
             coalesced = False
+            if time.monotonic() >= call.hard_deadline:
+                # The client has given up by now: an attempt could only fail (and count against the
+                # target's health for nothing).
+                call.shed_reason = call.shed_reason or "budget-exhausted"
+                return None
             if step > 0:
                 if time.monotonic() >= call.deadline:
                     call.shed_reason = call.shed_reason or "budget-exhausted"
@@ -248,8 +268,10 @@ class Engine:
         started = time.monotonic()
         request = call.build(target)
         model = target.model_for(call.requested_model)
-        first_byte = max(0.001, min(call.route.spec.attempt_timeout, call.hard_deadline - started))
-        timeouts = AttemptTimeouts(first_byte=first_byte)
+        left = max(0.001, call.hard_deadline - started)
+        timeouts = AttemptTimeouts(
+            first_byte=min(call.route.spec.attempt_timeout, left), idle=min(self.idle_timeout, left)
+        )
         with self.telemetry.attempt_span(call.route.name, target, model, step, call.stream) as span:
             try:
                 reason = target.adapter.untranslatable(request)

@@ -16,23 +16,26 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator
 
-from .errors import StreamBroken, UpstreamError
+from .errors import RetryableError, StreamBroken, UpstreamError
 from .messages import ChatRequest, StreamEvent, StreamStart, TextDelta, ToolCallDelta, ToolCallStart
 from .providers.base import AttemptTimeouts, StreamFrame
-from .strategies import Answer, LiveStream, _open_stream
+from .strategies import STREAM_IDLE_TIMEOUT, Answer, LiveStream, _open_stream
 
 MAX_RESUMES = 2
 
 
 async def follow(
-    answer: Answer, resume: bool, attempt_timeout: float
+    answer: Answer, resume: bool, attempt_timeout: float, idle_timeout: float = STREAM_IDLE_TIMEOUT
 ) -> AsyncGenerator[tuple[StreamFrame, bool], None]:
     """Yield (frame, resumed) until the upstream's proper end; `resumed` frames come from a
     continuation and must be re-encoded rather than relayed (their framing restarts upstream).
 
     Close it (`contextlib.aclosing`) when done: however the consumer stops (client gone, write
     deadline, cancellation), the upstream stream being read is closed then, not at garbage collection,
-    so the provider stops generating tokens nobody reads."""
+    so the provider stops generating tokens nobody reads.
+
+    A resume is a new upstream request: it spends a token of the provider's retry budget like any
+    retry, and a break the budget cannot pay for ends the stream with an error instead."""
     live = answer.stream
     assert live is not None
     target = answer.target
@@ -60,8 +63,10 @@ async def follow(
                 can_resume = (
                     resume and target.adapter.supports_prefill and not saw_tool_call and not _thinks(live.request)
                 )
-                if not can_resume or resumes >= MAX_RESUMES:
-                    raise StreamBroken(f"upstream stream broke: {exc.message}", exc.error_type) from None
+                if not can_resume or resumes >= MAX_RESUMES or not target.budget.try_withdraw():
+                    raise StreamBroken(
+                        f"upstream stream broke: {exc.message}", exc.error_type, exc.condition
+                    ) from None
                 resumes += 1
                 so_far = "".join(text)
                 pending_space = so_far[len(so_far.rstrip()) :]  # the adapter trims it from the prefill
@@ -69,10 +74,14 @@ async def follow(
                 started = time.monotonic()
                 try:
                     continuation = await _open_stream(
-                        target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout)
+                        target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout, idle=idle_timeout)
                     )
                 except UpstreamError as again:
-                    raise StreamBroken(f"upstream stream broke and could not resume: {again.message}") from None
+                    if isinstance(again, RetryableError):
+                        target.health.record_failure(time.monotonic() - started)
+                    raise StreamBroken(
+                        f"upstream stream broke and could not resume: {again.message}", condition=exc.condition
+                    ) from None
                 target.health.record_success(time.monotonic() - started)
                 resumed = True
                 await _close(frames, live)

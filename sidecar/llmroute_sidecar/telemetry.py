@@ -178,6 +178,9 @@ class Telemetry:
         self.reload_errors = Counter(
             "llmroute_config_reload_errors", "Policy reloads refused as invalid.", registry=r
         )
+        self.load_shed = Counter(
+            "llmroute_load_shed", "Requests refused unread: the sidecar was at capacity.", ["reason"], registry=r
+        )
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("llmroute")
         self._state_readers: list[Callable[[], None]] = []
         self._recent: dict[str, RecentShare] = {}

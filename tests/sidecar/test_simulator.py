@@ -59,9 +59,9 @@ def test_shipped_timeline_is_the_issues_timeline():
     windows = [(w.kind, w.start, w.end) for w in scenario.windows()]
     assert windows == [
         ("healthy", 0, 10), ("microspike", 10, 12), ("healthy", 12, 22), ("microspike", 22, 24),
-        ("healthy", 24, 34), ("outage", 34, 74), ("healthy", 74, 90),
+        ("healthy", 24, 34), ("outage", 34, 74), ("healthy", 74, 110),
     ]
-    assert scenario.traffic.rate == 8 and scenario.duration == 90
+    assert scenario.traffic.rate == 8 and scenario.duration == 110
     segments = build_segments(scenario, "primary")
     assert all(dict(s.errors) == {529: 1.0} for s in segments if s.kind in ("microspike", "outage"))
     assert all(not s.errors for s in build_segments(scenario, "fallback"))

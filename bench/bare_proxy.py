@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 
 import aiohttp
 from aiohttp import web
@@ -68,6 +69,10 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    # The sidecar's own collector tuning (llmroute_sidecar.cli._tune_gc), so the ratio compares logic only.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(5_000, *gc.get_threshold()[1:])
     host, _, port = args.listen.rpartition(":")
     web.run_app(make_app(args.upstream.rstrip("/")), host=host, port=int(port), access_log=None,
                 print=None, handler_cancellation=True, backlog=1024)

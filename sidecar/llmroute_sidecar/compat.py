@@ -116,7 +116,7 @@ async def _serve_admitted(
                 own.system_override = prompt.system  # the fallback's separately maintained prompt
             return target.apply_params(own)
 
-        call = new_call(route, request, build, stream, requested_model=model)
+        call = new_call(route, request, build, stream, span, requested_model=model)
         return await _answer(state, request, span, codec, call, model, app_request)
 
 
@@ -192,10 +192,12 @@ def forwarded_headers(request: web.Request, allowed: tuple[str, ...]) -> dict[st
     """The app's protocol headers a same-dialect target must see too (`anthropic-beta`...): an allow-list,
     so hop-by-hop headers, keys and control headers such as `x-envoy-*` never travel (HOSTILE D8, D9).
     A name the app's `Connection` header lists is hop-by-hop (RFC 9110 7.6.1) even when allowed."""
-    hop = {
-        token.strip().lower() for value in request.headers.getall("Connection", ()) for token in value.split(",")
-    }
-    return {name: request.headers[name] for name in allowed if name in request.headers and name not in hop}
+    headers = request.headers
+    present = {name: headers[name] for name in allowed if name in headers}
+    if not present:
+        return present  # the usual case: nothing to forward
+    hop = {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+    return {name: value for name, value in present.items() if name not in hop}
 
 
 def _upstream_error(

@@ -25,6 +25,7 @@ from .providers import adapter_for
 from .providers.base import Adapter
 from .statusboard import StatusBoard
 from .statuspages import DEFAULT_MIN_INTERVAL
+from .telemetry import target_span_attributes
 
 _NEUTRAL_PARAMS = {"max_tokens", "temperature", "top_p", "stop", "stop_sequences"}
 
@@ -44,6 +45,8 @@ class CompiledTarget:
     budget: RetryBudget
     params: dict[str, Any]
     extra: dict[str, Any]
+    span_attributes: dict[str, Any]
+    """What every attempt span of this target carries (telemetry.target_span_attributes)."""
 
     @property
     def name(self) -> str:
@@ -185,6 +188,9 @@ class Upstreams:
                         budget=self._budgets[target.provider],
                         params={k: v for k, v in target.params.items() if k in _NEUTRAL_PARAMS},
                         extra={k: v for k, v in target.params.items() if k not in _NEUTRAL_PARAMS},
+                        span_attributes=target_span_attributes(
+                            route.name, target.name, spec.provider(target.provider), bool(target.degraded)
+                        ),
                     )
                 )
             by_name = {t.name: t for t in targets}

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -111,17 +112,9 @@ class SidecarState:
         for scope in list(self._scopes):
             scope.reschedule(now)
 
-    @contextlib.asynccontextmanager
-    async def drainable(self) -> AsyncIterator[asyncio.Timeout]:
+    def drainable(self) -> DrainScope:
         """A scope `end_in_flight` interrupts: the block raises TimeoutError with `scope.expired()`."""
-        async with asyncio.timeout(None) as scope:
-            self._scopes.add(scope)
-            try:
-                if self.ending:
-                    scope.reschedule(asyncio.get_running_loop().time())
-                yield scope
-            finally:
-                self._scopes.discard(scope)
+        return DrainScope(self)
 
     def admit(self, request: web.Request) -> Ticket | None:
         """Let a proxied request in, or None when the sidecar is at capacity (shed it, unread)."""
@@ -138,6 +131,30 @@ class SidecarState:
         self.in_flight += 1
         self.buffered_bytes += reserve
         return Ticket(self, reserve)
+
+
+class DrainScope:
+    """`SidecarState.drainable()`: an `asyncio.timeout(None)` registered with the state while entered.
+    A class rather than a generator-based context manager: it is entered on every request."""
+
+    __slots__ = ("_state", "_timeout")
+
+    def __init__(self, state: SidecarState) -> None:
+        self._state = state
+        self._timeout = asyncio.timeout(None)
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        scope = await self._timeout.__aenter__()
+        self._state._scopes.add(scope)
+        if self._state.ending:
+            scope.reschedule(asyncio.get_running_loop().time())
+        return scope
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._state._scopes.discard(self._timeout)
+        await self._timeout.__aexit__(exc_type, exc, tb)
 
 
 @dataclass(slots=True)
@@ -277,8 +294,11 @@ async def read_json(request: web.Request, ticket: Ticket | None = None) -> dict[
     state = request.app[STATE]
     timeout = state.body_timeout if state.body_timeout is not None else BODY_TIMEOUT
     try:
-        async with asyncio.timeout(timeout):
+        if request.content.is_eof():  # the usual case: the whole body came with the headers
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except TimeoutError:
         raise RequestError(408, "request body not received in time", "timeout_error") from None
     except web.HTTPRequestEntityTooLarge:
@@ -301,6 +321,7 @@ def new_call(
     request: web.Request,
     build: Callable[[CompiledTarget], ChatRequest],
     stream: bool,
+    span: trace.Span,
     requested_model: str | None = None,
 ) -> Call:
     """A call with its deadlines: the route's, capped by the client's own timeout hints."""
@@ -326,6 +347,7 @@ def new_call(
         hard_deadline=hard,
         sdk_retry=retry_count.strip() not in ("", "0"),
         headers=request.headers,
+        span=span,
     )
 
 
@@ -449,7 +471,7 @@ async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) 
             prepared = {t.name: t.route_request(variables) for t in route.targets}
         except RequestError as exc:
             return finish_error(_route_error(exc.status, exc.error_type, exc.message))
-        call = new_call(route, request, lambda target: prepared[target.name], stream)
+        call = new_call(route, request, lambda target: prepared[target.name], stream, span)
         return await _serve_route(state, request, span, call)
 
 

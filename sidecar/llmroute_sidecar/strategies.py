@@ -27,6 +27,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from .errors import ClientError, FailoverError, LLMRouteError, RetryableError, UpstreamError
 from .messages import ChatRequest, ChatResponse, is_content
 from .providers.base import AttemptTimeouts, StreamFrame
@@ -93,6 +95,8 @@ class Call:
     retry_wait: float = 0.0
     primary_error: UpstreamError | None = None
     last_error: UpstreamError | None = None
+    span: Span = INVALID_SPAN
+    """The request's server span: the parent of every attempt span."""
 
 
 class GaveUp(LLMRouteError):
@@ -272,7 +276,7 @@ class Engine:
         timeouts = AttemptTimeouts(
             first_byte=min(call.route.spec.attempt_timeout, left), idle=min(self.idle_timeout, left)
         )
-        with self.telemetry.attempt_span(call.route.name, target, model, step, call.stream) as span:
+        with self.telemetry.attempt_span(call.span, target, model, step, call.stream) as span:
             try:
                 reason = target.adapter.untranslatable(request)
                 if reason is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,11 +20,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, set_span_in_context
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .messages import ChatResponse, Usage
-from .policy import Price
+from .policy import Price, Provider
 
 _GENAI_PROVIDER = {"anthropic": "anthropic", "openai": "openai", "gemini": "gcp.gemini"}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -64,20 +64,53 @@ class AttemptSpan:
 
     def usage(self, usage: Usage) -> None:
         if self.span.is_recording():
-            self.span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-            self.span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+            self.span.set_attributes(
+                {"gen_ai.usage.input_tokens": usage.input_tokens, "gen_ai.usage.output_tokens": usage.output_tokens}
+            )
 
     def response(self, response: ChatResponse) -> None:
         """What the provider answered: model, stop reason, usage (never the text)."""
         if self.span.is_recording():
-            self.usage(response.usage)
+            attributes: dict[str, Any] = {
+                "gen_ai.usage.input_tokens": response.usage.input_tokens,
+                "gen_ai.usage.output_tokens": response.usage.output_tokens,
+                "gen_ai.response.finish_reasons": (str(response.stop_reason),),
+            }
             if response.model:
-                self.span.set_attribute("gen_ai.response.model", response.model)
-            self.span.set_attribute("gen_ai.response.finish_reasons", [str(response.stop_reason)])
+                attributes["gen_ai.response.model"] = response.model
+            self.span.set_attributes(attributes)
 
     def fail(self, error_type: str) -> None:
         self.failed = True
         _mark_failed(self.span, error_type)
+
+    def __enter__(self) -> AttemptSpan:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, Exception) and not self.failed:
+            self.fail(type(exc).__qualname__)  # the engine marks upstream failures itself: this is a bug
+        self.span.end()
+
+
+class RequestSpan:
+    """The server span of one request. Ends on leaving the block; an exception escaping it (the
+    handlers answer every expected failure, so a bug) is recorded by its type only: the SDK's default
+    would add its message and traceback, and an upstream error message can quote the prompt (providers
+    echo invalid content back), while CONTRACT §4 keeps prompts out of spans."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> Span:
+        return self.span
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, Exception):
+            _mark_failed(self.span, type(exc).__qualname__)
+        self.span.end()
 
 
 def _mark_failed(span: Span, error_type: str) -> None:
@@ -86,13 +119,25 @@ def _mark_failed(span: Span, error_type: str) -> None:
         span.set_status(Status(StatusCode.ERROR, error_type))
 
 
-@contextmanager
-def _quiet_span(tracer: trace.Tracer, name: str, kind: SpanKind) -> Iterator[Span]:
-    """A current span that records an escaping exception by its type only. The SDK's default would add
-    the exception's message and traceback, and an upstream error message can quote the prompt (providers
-    echo invalid content back): CONTRACT §4 keeps prompts out of spans."""
-    with tracer.start_as_current_span(name, kind=kind, record_exception=False, set_status_on_exception=False) as span:
-        yield span
+def target_span_attributes(route: str, target: str, provider: Provider, degraded: bool) -> dict[str, Any]:
+    """The attributes every attempt span of a target carries, computed once per policy load."""
+    base = urlsplit(provider.effective_base_url)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": _GENAI_PROVIDER.get(provider.type, provider.type),
+        "llmroute.route": route,
+        "llmroute.target": target,
+        "llmroute.provider": provider.name,
+        "llmroute.degraded": degraded,
+        "server.address": base.hostname or "",
+    }
+    with suppress(ValueError):  # a malformed port is the adapter's problem, not the span's
+        if base.port is not None:
+            attributes["server.port"] = base.port
+    return attributes
+
+
+_NO_REQUEST_SPAN = RequestSpan(INVALID_SPAN)
 
 
 class RecentShare:
@@ -182,22 +227,31 @@ class Telemetry:
             "llmroute_load_shed", "Requests refused unread: the sidecar was at capacity.", ["reason"], registry=r
         )
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("llmroute")
+        self.tracing = tracer_provider is not None
+        """False: no exporter configured, and spans cost nothing at all on the hot path."""
         self._state_readers: list[Callable[[], None]] = []
         self._recent: dict[str, RecentShare] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         self.pricing: Mapping[str, Price] = {}
         """The policy's `pricing` (USD per million tokens by model), for costs the engine records itself."""
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(...)`, remembered: prometheus-client validates and locks on every `labels` call,
+        which the hot path would pay several times per request. Bounded like the metric's own children."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # ----- request level (server) ----------------------------------------------------------------------
-    @contextmanager
-    def request_span(self, name: str, route: str | None) -> Iterator[Span]:
-        with _quiet_span(self.tracer, name, SpanKind.SERVER) as span:
-            if route is not None and span.is_recording():
-                span.set_attribute("llmroute.route", route)
-            try:
-                yield span
-            except Exception as exc:  # the handlers answer every expected failure: this is a bug
-                _mark_failed(span, type(exc).__qualname__)
-                raise
+    def request_span(self, name: str, route: str | None) -> RequestSpan:
+        """Spans are started with an explicit parent and never made "current": attaching a context per
+        span costs more than the span itself on the hot path, and nothing here reads the current span."""
+        if not self.tracing:
+            return _NO_REQUEST_SPAN
+        attributes = {"llmroute.route": route} if route is not None else None
+        return RequestSpan(self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attributes))
 
     def request_done(
         self,
@@ -210,20 +264,21 @@ class Telemetry:
         retry_wait: float,
         shed_reason: str | None,
     ) -> None:
-        self.requests.labels(route, target, "true" if degraded else "false", outcome).inc()
+        self._child(self.requests, route, target, "true" if degraded else "false", outcome).inc()
         if outcome == "ok":  # answered by a fallback: degraded, or shed off its primary for any reason
             self._recent.setdefault(route, RecentShare()).add(degraded or shed_reason is not None)
-        self.duration.labels(route).observe(seconds)
-        self.retry_wait.labels(route).observe(retry_wait)
+        self._child(self.duration, route).observe(seconds)
+        self._child(self.retry_wait, route).observe(retry_wait)
         if shed_reason is not None:
             self.sheds.labels(route, shed_reason).inc()
         if span.is_recording():
-            span.set_attribute("llmroute.route", route)
-            span.set_attribute("llmroute.target", target)
-            span.set_attribute("llmroute.degraded", degraded)
-            span.set_attribute("llmroute.outcome", outcome)
+            attributes: dict[str, Any] = {
+                "llmroute.route": route, "llmroute.target": target, "llmroute.degraded": degraded,
+                "llmroute.outcome": outcome,
+            }
             if shed_reason is not None:
-                span.set_attribute("llmroute.shed_reason", shed_reason)
+                attributes["llmroute.shed_reason"] = shed_reason
+            span.set_attributes(attributes)
             if outcome != "ok":
                 span.set_status(Status(StatusCode.ERROR, outcome))
 
@@ -241,44 +296,27 @@ class Telemetry:
         return None
 
     def usage(self, provider: str, model: str, usage: Usage, price: Price | None) -> None:
-        self.tokens.labels(provider, model, "input").inc(usage.input_tokens)
-        self.tokens.labels(provider, model, "output").inc(usage.output_tokens)
+        self._child(self.tokens, provider, model, "input").inc(usage.input_tokens)
+        self._child(self.tokens, provider, model, "output").inc(usage.output_tokens)
         if price is not None:
             cost = (usage.input_tokens * price.input + usage.output_tokens * price.output) / 1_000_000
-            self.cost.labels(provider, model).inc(cost)
+            self._child(self.cost, provider, model).inc(cost)
 
     # ----- attempt level (engine) ----------------------------------------------------------------------
-    @contextmanager
-    def attempt_span(self, route: str, target: Any, model: str, step: int, stream: bool) -> Iterator[AttemptSpan]:
-        with _quiet_span(self.tracer, f"chat {model}", SpanKind.CLIENT) as span:
-            if span.is_recording():
-                base = urlsplit(target.provider.effective_base_url)
-                attributes: dict[str, Any] = {
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": _GENAI_PROVIDER.get(target.provider.type, target.provider.type),
-                    "gen_ai.request.model": model,
-                    "llmroute.route": route,
-                    "llmroute.target": target.name,
-                    "llmroute.provider": target.provider.name,
-                    "llmroute.attempt": step,
-                    "llmroute.degraded": bool(target.spec.degraded),
-                    "llmroute.stream": stream,
-                    "server.address": base.hostname or "",
-                }
-                with suppress(ValueError):  # a malformed port is the adapter's problem, not the span's
-                    if base.port is not None:
-                        attributes["server.port"] = base.port
-                span.set_attributes(attributes)
-            attempt = AttemptSpan(span)
-            try:
-                yield attempt
-            except Exception as exc:
-                if not attempt.failed:  # the engine marks upstream failures itself; anything else is a bug
-                    attempt.fail(type(exc).__qualname__)
-                raise
+    def attempt_span(self, parent: Span, target: Any, model: str, step: int, stream: bool) -> AttemptSpan:
+        """A client span, child of the request's span; ends on leaving the block."""
+        if not self.tracing:
+            return AttemptSpan(INVALID_SPAN)
+        attributes = {
+            **target.span_attributes, "gen_ai.request.model": model, "llmroute.attempt": step, "llmroute.stream": stream
+        }
+        span = self.tracer.start_span(
+            f"chat {model}", context=set_span_in_context(parent), kind=SpanKind.CLIENT, attributes=attributes
+        )
+        return AttemptSpan(span)
 
     def attempt(self, route: str, target: Any, result: str) -> None:
-        self.attempts.labels(route, target.name, target.provider.name, result).inc()
+        self._child(self.attempts, route, target.name, target.provider.name, result).inc()
 
     def budget_exhausted(self, provider: str) -> None:
         self.budget_exhaustions.labels(provider).inc()

@@ -100,9 +100,11 @@ async def running_sidecar(
     tracer_provider: trace.TracerProvider | None = None,
     status_relay: str | None = None,
     watch_interval: float = 0.05,
-    statuspage_min_interval: float = 0.01,
+    statuspage_min_interval: float | None = 0.01,
+    **options: Any,
 ) -> AsyncIterator[tuple[str, SidecarState]]:
-    """Start the real sidecar on loopback; yields (base URL, its state)."""
+    """Start the real sidecar on loopback; yields (base URL, its state). `statuspage_min_interval`
+    lowers the pollers' 10 s floor (None keeps it); `options` go to `create_app` (short timeouts, caps)."""
     policy = load_policy(document) if document is not None else None
     app: web.Application = create_app(
         policy_path=policy_path,
@@ -111,6 +113,7 @@ async def running_sidecar(
         status_relay=status_relay,
         watch_interval=watch_interval,
         statuspage_min_interval=statuspage_min_interval,
+        **options,
     )
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()  # TestServer already enables handler cancellation

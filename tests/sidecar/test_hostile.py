@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from llmroute_sidecar.policy import load_policy
 from llmroute_sidecar.reloading import PolicyWatcher
-from llmroute_sidecar.server import STATE, SidecarState, create_app, shut_down
+from llmroute_sidecar.server import STATE, create_app, shut_down
 from llmroute_sidecar.simulator.fakes import (
     Fail,
     FakeProvider,
@@ -43,7 +43,7 @@ from llmroute_sidecar.simulator.fakes import (
     StreamError,
 )
 
-from .harness import policy_document
+from .harness import policy_document, running_sidecar
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,16 +115,7 @@ def document(
     return doc
 
 
-@asynccontextmanager
-async def sidecar(doc: dict[str, Any], **options: Any) -> AsyncIterator[tuple[str, SidecarState]]:
-    """The real sidecar on loopback; `options` go to `create_app` (short timeouts, small caps)."""
-    app = create_app(policy=load_policy(doc), statuspage_min_interval=0.01, **options)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/"), app[STATE]
-    finally:
-        await server.close()
+sidecar = running_sidecar
 
 
 async def post(

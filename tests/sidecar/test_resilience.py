@@ -13,20 +13,18 @@ import copy
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from llmroute_sidecar.health import TargetHealth
-from llmroute_sidecar.policy import load_policy
-from llmroute_sidecar.server import STATE, SidecarState, create_app
+from llmroute_sidecar.server import SidecarState
 from llmroute_sidecar.simulator.fake_statuspage import FakeStatusPage
 from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, RecordedRequest, Reply, Step
 
-from .harness import policy_document
+from .harness import policy_document, running_sidecar
 
 CLAUDE_API = "k8w3r06qmzrp"  # "Claude API (api.anthropic.com)" on status.claude.com
 
@@ -46,18 +44,11 @@ async def status_page() -> AsyncIterator[FakeStatusPage]:
         yield page
 
 
-@asynccontextmanager
-async def sidecar(
+def sidecar(
     document: dict[str, Any], *, statuspage_min_interval: float | None = None
-) -> AsyncIterator[tuple[str, SidecarState]]:
+) -> AbstractAsyncContextManager[tuple[str, SidecarState]]:
     """The real sidecar on loopback; `statuspage_min_interval` lowers the pollers' 10 s floor."""
-    app = create_app(policy=load_policy(document), statuspage_min_interval=statuspage_min_interval)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/"), app[STATE]
-    finally:
-        await server.close()
+    return running_sidecar(document, statuspage_min_interval=statuspage_min_interval)
 
 
 class Client:

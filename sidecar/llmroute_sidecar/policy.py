@@ -33,6 +33,10 @@ from .durations import DURATION_PATTERN, format_duration, parse_duration
 API_VERSION = "llmroute.dev/v1alpha1"
 KIND = "LLMRoutePolicy"
 SANE_BUDGET = (4.0, 12.0)
+DEFAULT_ATTEMPT_TIMEOUT = 30.0
+SLOWEST_TOKENS_PER_SECOND = 25.0
+"""A slow but healthy generation rate: a plain (non-streaming) answer's headers only come once all of it
+is generated, so an unset `attemptTimeout` grows with `max_tokens` at this rate (HOSTILE.md U3)."""
 
 
 def _to_seconds(value: Any) -> Any:
@@ -196,8 +200,10 @@ class Route(Model):
     """Overall: no attempt on any target starts after it (default: 2 x budget). Capped by client hints."""
     backoff: Backoff = Field(default_factory=Backoff)
     retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON), max_length=32)
-    attempt_timeout: Duration = 30.0
-    """Per upstream attempt: until the response headers (streams: the first content event)."""
+    attempt_timeout: Duration | None = None
+    """Per upstream attempt: until the response headers (streams: the first content event). Unset: 30s,
+    and for a non-streaming call at least max_tokens / 25 per second (a long plain answer legitimately
+    takes minutes before its first byte)."""
     fallback_retries: int = Field(default=1, ge=0, le=5)
     """Extra attempts each fallback target gets, within what remains of the deadline."""
     targets: list[Target] = Field(min_length=1, max_length=16)
@@ -209,6 +215,14 @@ class Route(Model):
     @property
     def overall_deadline(self) -> float:
         return self.deadline if self.deadline is not None else 2 * self.budget
+
+    def first_byte_timeout(self, stream: bool = True, max_tokens: int | None = None) -> float:
+        """How long one attempt may wait for its response headers (streams: the first content)."""
+        if self.attempt_timeout is not None:
+            return self.attempt_timeout
+        if stream or not max_tokens:
+            return DEFAULT_ATTEMPT_TIMEOUT
+        return max(DEFAULT_ATTEMPT_TIMEOUT, max_tokens / SLOWEST_TOKENS_PER_SECOND)
 
 
 class RetryBudget(Model):

@@ -610,7 +610,7 @@ async def relay_stream(
         try:
             async with state.drainable() as scope:
                 await write_or_give_up(response, prologue)
-                stream = follow(answer, spec.resume_streams, spec.attempt_timeout, state.engine.idle_timeout)
+                stream = follow(answer, spec.resume_streams, spec.first_byte_timeout(), state.engine.idle_timeout)
                 async with contextlib.aclosing(stream) as frames:
                     async for frame, resumed in frames:
                         await write_or_give_up(response, encode(frame, resumed))

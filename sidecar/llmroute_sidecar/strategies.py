@@ -274,7 +274,8 @@ class Engine:
         model = target.model_for(call.requested_model)
         left = max(0.001, call.hard_deadline - started)
         timeouts = AttemptTimeouts(
-            first_byte=min(call.route.spec.attempt_timeout, left), idle=min(self.idle_timeout, left)
+            first_byte=min(call.route.spec.first_byte_timeout(call.stream, request.max_tokens), left),
+            idle=min(self.idle_timeout, left),
         )
         with self.telemetry.attempt_span(call.span, target, model, step, call.stream) as span:
             try:

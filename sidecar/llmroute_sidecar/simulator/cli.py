@@ -200,7 +200,7 @@ async def run_scenario(
         primary_provider = route_spec["targets"][0]["provider"]
         loaded_route = policy.spec.route(route_name)
         assert loaded_route is not None
-        timeout = loaded_route.overall_deadline + loaded_route.attempt_timeout + 2.0
+        timeout = loaded_route.overall_deadline + loaded_route.first_byte_timeout() + 2.0
         pricing = {model: {"input": price.input, "output": price.output}
                    for model, price in policy.spec.pricing.items()}
         sidecar = await _Sidecar(policy, world.clock.speed).start()

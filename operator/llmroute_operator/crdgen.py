@@ -188,8 +188,8 @@ RULES: dict[str, list[Schema]] = {
     ],
     "ApiKey": [
         {
-            "rule": "has(self.env) != has(self.secretKeyRef)",
-            "message": "apiKey needs exactly one of env (standalone) or secretKeyRef (in a cluster)",
+            "rule": "(has(self.env) || has(self.file)) != has(self.secretKeyRef)",
+            "message": "apiKey needs secretKeyRef (in a cluster), or env and/or file (standalone)",
         }
     ],
     "Quorum": [

@@ -7,8 +7,11 @@ nothing here talks to the network, so every rule is tested on plain dicts:
   starts before the app and stops after it;
 - it reads `policy.json` from the policy's ConfigMap, mounted read-only as a whole directory (a
   `subPath` mount would never see updates);
-- the provider keys reach the sidecar only, as `secretKeyRef` env vars (optional: a missing key
-  degrades that provider, the policy's MissingSecret condition says why, and the pod still starts);
+- the provider keys reach the sidecar only, as `secretKeyRef` env vars and as files of a projected
+  Secret volume mounted in the sidecar alone (the kubelet updates the files when a Secret rotates, so
+  running sidecars pick up a new key without a restart; only the referenced keys are projected). Both
+  are optional: a missing key degrades that provider, the policy's MissingSecret condition says why,
+  and the pod still starts;
 - app containers get the sidecar's URLs and placeholder SDK keys, each only where they do not set
   the variable themselves;
 - `llmroute.dev/injected: <policy>@<configHash>` marks the pod, so re-admission changes nothing.
@@ -23,7 +26,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from llmroute_sidecar.policy import LoadedPolicy, key_env_var
+from llmroute_sidecar.policy import KEY_MOUNT_DIR, LoadedPolicy, key_env_var
 
 from . import INJECT_ANNOTATION, INJECTED_ANNOTATION, POLICY_ANNOTATION
 from .reconcile import configmap_name
@@ -32,6 +35,7 @@ from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_POR
 SIDECAR_NAME = "llmroute"
 POLICY_VOLUME = "llmroute-policy"
 TMP_VOLUME = "llmroute-tmp"
+KEYS_VOLUME = "llmroute-keys"
 PLACEHOLDER_KEY = "llmroute-sidecar-holds-the-key"
 SIDECAR_URL = f"http://127.0.0.1:{SIDECAR_PORT}"
 
@@ -90,6 +94,12 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}},
                 }
             )
+    mounts: list[dict[str, Any]] = [
+        {"name": POLICY_VOLUME, "mountPath": POLICY_MOUNT_DIR, "readOnly": True},
+        {"name": TMP_VOLUME, "mountPath": "/tmp"},
+    ]
+    if _key_sources(policy):
+        mounts.append({"name": KEYS_VOLUME, "mountPath": KEY_MOUNT_DIR, "readOnly": True})
     return {
         "name": SIDECAR_NAME,
         "image": settings.sidecar_image,
@@ -97,10 +107,7 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
         "restartPolicy": "Always",
         "args": ["sidecar", "--policy", POLICY_FILE],
         "env": env,
-        "volumeMounts": [
-            {"name": POLICY_VOLUME, "mountPath": POLICY_MOUNT_DIR, "readOnly": True},
-            {"name": TMP_VOLUME, "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         "startupProbe": _probe("/healthz", period=1, failures=60),
         "readinessProbe": _probe("/readyz", period=5, failures=2),
         "livenessProbe": _probe("/healthz", period=10, failures=3, timeout=5),
@@ -117,6 +124,18 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
     }
 
 
+def _key_sources(policy: LoadedPolicy) -> list[dict[str, Any]]:
+    """The projected volume's sources: each referenced Secret key as a file named after its provider
+    (the path the rendered config names, `policy.key_file`)."""
+    sources = []
+    for provider in policy.spec.providers:
+        ref = provider.api_key.secret_key_ref if provider.api_key else None
+        if ref is not None:
+            item = {"key": ref.key, "path": provider.name}
+            sources.append({"secret": {"name": ref.name, "items": [item], "optional": True}})
+    return sources
+
+
 def inject(pod: Mapping[str, Any], policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
     """The pod with the sidecar of `policy` injected; an injected or opted-out pod comes back equal."""
     result = copy.deepcopy(dict(pod))
@@ -127,12 +146,16 @@ def inject(pod: Mapping[str, Any], policy: LoadedPolicy, settings: Settings) -> 
     metadata["annotations"] = {**annotations, INJECTED_ANNOTATION: f"{policy.name}@{policy.config_hash}"}
     spec = result.setdefault("spec", {})
     spec["initContainers"] = [sidecar_container(policy, settings), *(spec.get("initContainers") or [])]
-    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in (POLICY_VOLUME, TMP_VOLUME)]
+    ours = (POLICY_VOLUME, TMP_VOLUME, KEYS_VOLUME)
+    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in ours]
     spec["volumes"] = [
         *volumes,
         {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(policy.name)}},
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
+    key_sources = _key_sources(policy)
+    if key_sources:
+        spec["volumes"].append({"name": KEYS_VOLUME, "projected": {"sources": key_sources}})
     containers = []
     for container in spec.get("containers") or []:
         env = list(container.get("env") or [])

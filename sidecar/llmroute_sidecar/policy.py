@@ -95,6 +95,9 @@ class ApiKey(Model):
     """In a cluster: the Secret holding the key (the webhook gives it to the sidecar container only)."""
     env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Standalone (and as rendered by the operator): the environment variable holding the key."""
+    file: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Standalone (and as rendered by the operator): a file holding the key, re-read when it changes, so
+    a rotated Secret reaches the sidecar without a restart. With `env` too, the file wins when readable."""
 
 
 class StatusPage(Model):
@@ -313,17 +316,27 @@ def key_env_var(provider_name: str) -> str:
     return "LLMROUTE_KEY_" + re.sub(r"[^A-Z0-9]", "_", provider_name.upper())
 
 
-def render_sidecar_config(policy: LoadedPolicy) -> dict[str, Any]:
-    """The config file the operator writes for sidecars: Secret references become env var names.
+KEY_MOUNT_DIR = "/var/run/llmroute/keys"
+"""Where the webhook mounts the provider keys for the sidecar (one file per provider)."""
 
-    The webhook gives the sidecar container those variables from the Secrets (`secretKeyRef`), so the
-    rendered config holds no secret material and no Secret names are needed by the sidecar.
+
+def key_file(provider_name: str) -> str:
+    """The file that carries a provider's key in a cluster (a projected Secret volume, kept current)."""
+    return f"{KEY_MOUNT_DIR}/{provider_name}"
+
+
+def render_sidecar_config(policy: LoadedPolicy) -> dict[str, Any]:
+    """The config file the operator writes for sidecars: Secret references become a file and an env var.
+
+    The webhook gives the sidecar container the key both ways from the Secret: as a file of a projected
+    volume (which the kubelet updates when the Secret rotates) and as a `secretKeyRef` variable (fixed at
+    start). The rendered config holds no secret material and no Secret names.
     """
     document = policy.to_document()
     for provider in document["spec"]["providers"]:
         key = provider.get("apiKey")
         if key and "secretKeyRef" in key:
-            provider["apiKey"] = {"env": key_env_var(provider["name"])}
+            provider["apiKey"] = {"env": key_env_var(provider["name"]), "file": key_file(provider["name"])}
     return document
 
 
@@ -366,8 +379,8 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
     unique([r.name for r in spec.routes], "spec.routes", "route")
     for p_index, provider in enumerate(spec.providers):
         key = provider.api_key
-        if key is not None and (key.env is None) == (key.secret_key_ref is None):
-            errors.append(f"spec.providers[{p_index}].apiKey: set exactly one of env, secretKeyRef")
+        if key is not None and (key.env is None and key.file is None) == (key.secret_key_ref is None):
+            errors.append(f"spec.providers[{p_index}].apiKey: set secretKeyRef, or env and/or file")
     if spec.default_route is not None and spec.route(spec.default_route) is None:
         errors.append(f'spec.defaultRoute: unknown route "{spec.default_route}"')
     for r_index, route in enumerate(spec.routes):

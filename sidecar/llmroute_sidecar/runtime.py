@@ -8,7 +8,6 @@ survives policy reloads so a reload neither drops connections nor forgets that a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,7 @@ import orjson
 from .budgets import RetryBudget
 from .checks import AnswerCheck
 from .health import TargetHealth
+from .keys import KeySource
 from .messages import ChatRequest, Message, Text
 from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_var
 from .prompts import PromptTemplate, compile_template
@@ -150,8 +150,8 @@ class Upstreams:
         adapters: dict[str, Adapter] = {}
         for provider in spec.providers:
             key = _api_key(provider)
-            if key is None and provider.api_key is not None:
-                warnings.append(f"spec.providers[{provider.name}].apiKey: the key is not set in the environment")
+            if key.current() is None and provider.api_key is not None:
+                warnings.append(f"spec.providers[{provider.name}].apiKey: the key is not set (environment or file)")
             adapters[provider.name] = adapter_for(provider, self.session(provider.effective_base_url), key)
             budget = self._budgets.get(provider.name)
             if budget is None or budget.spec != spec.retry_budget:
@@ -217,9 +217,11 @@ class Upstreams:
         await self._status_session.close()
 
 
-def _api_key(provider: Provider) -> str | None:
-    """The key from the environment: `apiKey.env`, or in a cluster the variable the webhook sets."""
+def _api_key(provider: Provider) -> KeySource:
+    """Where the key is: `apiKey.file` and/or `apiKey.env`, or in a cluster what the webhook sets."""
     if provider.api_key is None:
-        return None
-    name = provider.api_key.env or key_env_var(provider.name)
-    return os.environ.get(name)
+        return KeySource.fixed(None)
+    key = provider.api_key
+    if key.env is None and key.file is None:
+        return KeySource(env=key_env_var(provider.name))
+    return KeySource(env=key.env, file=key.file)

@@ -36,7 +36,7 @@ def test_the_crd_has_the_rules_the_design_asks_for() -> None:
         "target names must be unique within a route",
         "every target's provider must name one of spec.providers",
         "defaultRoute must name one of spec.routes",
-        "apiKey needs exactly one of env (standalone) or secretKeyRef (in a cluster)",
+        "apiKey needs secretKeyRef (in a cluster), or env and/or file (standalone)",
         "quorum.sample is a share of requests: between 0 and 1",
     } <= messages
     assert any(m.startswith("hotHot spreads traffic") for m in messages)
@@ -117,7 +117,7 @@ def test_rules_sit_where_they_can_see_what_they_check() -> None:
     assert where["every target's provider must name one of spec.providers"] == ".spec"
     assert where["defaultRoute must name one of spec.routes"] == ".spec"
     assert where["target names must be unique within a route"] == ".spec.routes[].targets"
-    assert where["apiKey needs exactly one of env (standalone) or secretKeyRef (in a cluster)"] == (
+    assert where["apiKey needs secretKeyRef (in a cluster), or env and/or file (standalone)"] == (
         ".spec.providers[].apiKey"
     )
     assert load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][

@@ -91,6 +91,24 @@ def test_provider_keys_reach_the_sidecar_only() -> None:
         assert "secretKeyRef" not in str(container)
 
 
+def test_provider_keys_are_also_files_of_a_projected_volume_only_the_sidecar_mounts() -> None:
+    """Files follow a rotated Secret (the kubelet updates projected volumes); env vars never do."""
+    pod = patched(a_pod())
+
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    sidecar = pod["spec"]["initContainers"][0]
+    [mount] = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/var/run/llmroute/keys"]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    sources = volumes[mount["name"]]["projected"]["sources"]
+    assert sources == [
+        {"secret": {"name": "llm-keys", "items": [{"key": "anthropic", "path": "claude"}], "optional": True}},
+        {"secret": {"name": "llm-keys", "items": [{"key": "openai", "path": "gpt"}], "optional": True}},
+    ]
+    for container in pod["spec"]["containers"] + pod["spec"]["initContainers"][1:]:
+        assert all(m["name"] != mount["name"] for m in container.get("volumeMounts", []))
+    assert patched(pod) == pod  # re-admission adds no second volume
+
+
 def test_app_containers_get_the_sidecar_urls_and_placeholder_keys_unless_they_set_their_own() -> None:
     pod = patched(a_pod())
 

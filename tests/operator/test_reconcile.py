@@ -40,7 +40,10 @@ def test_configmap_holds_the_rendered_sidecar_config_under_its_policy_name() -> 
     assert configmap["metadata"]["annotations"]["llmroute.dev/config-hash"] == loaded.config_hash
     rendered = json.loads(configmap["data"]["policy.json"])
     assert rendered == render_sidecar_config(loaded)
-    assert rendered["spec"]["providers"][0]["apiKey"] == {"env": "LLMROUTE_KEY_CLAUDE"}
+    assert rendered["spec"]["providers"][0]["apiKey"] == {
+        "env": "LLMROUTE_KEY_CLAUDE", "file": "/var/run/llmroute/keys/claude"
+    }
+    assert "llm-keys" not in configmap["data"]["policy.json"]  # no Secret names, no key material
 
 
 def test_configmap_of_an_invalid_policy_is_refused_with_the_field_path() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from ..keys import KeySource
 from ..policy import Provider
 from .anthropic import AnthropicAdapter
 from .anthropic_app import AnthropicAppCodec
@@ -24,7 +25,9 @@ _ADAPTERS: dict[str, type[Adapter]] = {
 _APP_CODECS: dict[str, AppCodec] = {"anthropic": AnthropicAppCodec(), "openai": OpenAIAppCodec()}
 
 
-def adapter_for(provider: Provider, session: aiohttp.ClientSession, api_key: str | None) -> Adapter:
+def adapter_for(
+    provider: Provider, session: aiohttp.ClientSession, api_key: str | KeySource | None
+) -> Adapter:
     return _ADAPTERS[provider.type](provider, session, api_key)
 
 

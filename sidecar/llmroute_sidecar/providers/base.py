@@ -25,6 +25,7 @@ import orjson
 
 from ..durations import retry_after
 from ..errors import ClientError, FailoverError, RetryableError, UpstreamError
+from ..keys import KeySource
 from ..messages import ChatRequest, ChatResponse, StreamEvent
 from ..policy import Provider
 from ..sse import SseEvent, SseParser
@@ -70,11 +71,13 @@ class Adapter:
     dialect: ClassVar[str]
     supports_prefill: ClassVar[bool] = False
 
-    def __init__(self, provider: Provider, session: aiohttp.ClientSession, api_key: str | None) -> None:
+    def __init__(
+        self, provider: Provider, session: aiohttp.ClientSession, api_key: str | KeySource | None
+    ) -> None:
         self.provider = provider
         self.session = session
         self.base_url = provider.effective_base_url
-        self._api_key = api_key
+        self._keys = api_key if isinstance(api_key, KeySource) else KeySource.fixed(api_key)
 
     # ----- codec hooks: the provider's wire format -------------------------------------------------
     def url(self, model: str, stream: bool) -> str:
@@ -176,7 +179,7 @@ class Adapter:
         self, request: ChatRequest, model: str, stream: bool, timeouts: AttemptTimeouts
     ) -> aiohttp.ClientResponse:
         body = orjson.dumps(self.encode_request(request, model, stream))
-        headers = {"Content-Type": "application/json", **self.auth_headers(self._api_key)}
+        headers = {"Content-Type": "application/json", **self.auth_headers(self._keys.current())}
         native = request.native
         if native is not None and native.dialect == self.dialect:
             headers.update(native.headers)  # e.g. anthropic-beta: features the app's body relies on

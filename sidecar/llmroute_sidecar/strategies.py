@@ -337,6 +337,8 @@ class Engine:
                 usable.append(target)
             else:
                 call.attempts.append(AttemptRecord(target.name, "skipped", 0, reason))
+                if target.index == 0:
+                    call.shed_reason = reason  # why the primary is not in the race
         return usable or targets[:1]
 
     def _note_error(self, call: Call, target: CompiledTarget, exc: BaseException | None) -> None:
@@ -351,7 +353,7 @@ class Engine:
         quorum = call.route.spec.quorum
         assert quorum is not None
         targets = self._parallel_targets(call)
-        call.shed_reason = "quorum"
+        call.shed_reason = call.shed_reason or "quorum"
         tasks = {asyncio.create_task(self._attempt(call, t, 0)): t for t in targets}
         for _ in targets:
             self.telemetry.quorum(call.route.name, "call")
@@ -368,6 +370,13 @@ class Engine:
                     exc = task.exception()
                     if exc is None:
                         winners[tasks[task].index] = task.result()
+                    elif isinstance(exc, ClientError) and tasks[task].index == 0:
+                        # The app's request is wrong: it goes back as the provider sent it, whatever
+                        # another target made of it (CONTRACT §3: no fallback on a client error).
+                        for answer in winners.values():
+                            self._count_discarded(answer)
+                            await _discard(answer)
+                        raise exc
                     else:
                         self._note_error(call, tasks[task], exc)
                 if not winners:

@@ -564,6 +564,27 @@ async def test_quorum_best_waits_up_to_grace_and_picks_by_target_order(
         assert primary.requests[-1].outcome == "disconnected"
 
 
+@pytest.mark.parametrize("pick", ["first", "best"])
+async def test_a_client_error_from_the_primary_wins_over_any_quorum_answer(
+    fakes: tuple[FakeProvider, FakeProvider], pick: str
+) -> None:
+    """CONTRACT §3: a client error from the primary goes back to the app, with no fallback answer.
+    `best` waits for the primary anyway (it would win), so its 400 decides even after the backup
+    answered; `first` decides on whichever comes first, here the 400."""
+    primary, fallback = fakes
+    if pick == "best":
+        primary.script(Fail(400, delay=0.2))  # the backup has answered by then
+    else:
+        primary.script(Fail(400))
+        fallback.script(Reply(delay=0.3))
+    document = policy_document(primary.url, fallback.url, route=quorum_route(pick=pick))
+    async with sidecar(document) as (url, state), client(url) as app:
+        status, headers, body, _ = await app.post(headers=QUORUM_HEADER)
+    assert status == 400, body
+    assert headers["x-should-retry"] == "false" and headers["llmroute-degraded"] == "false"
+    assert fallback.count() == 1  # it was called (in parallel), but its answer is not what the app gets
+
+
 async def test_quorum_is_selected_by_header_and_sample_zero_never_selects(
     fakes: tuple[FakeProvider, FakeProvider],
 ) -> None:

@@ -603,14 +603,13 @@ async def relay_stream(
     assert live is not None
     response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
-    spec = call.route.spec
     scope: asyncio.Timeout | None = None
     try:
         await response.prepare(request)
         try:
             async with state.drainable() as scope:
                 await write_or_give_up(response, prologue)
-                stream = follow(answer, spec.resume_streams, spec.first_byte_timeout(), state.engine.idle_timeout)
+                stream = follow(answer, call, state.engine)
                 async with contextlib.aclosing(stream) as frames:
                     async for frame, resumed in frames:
                         await write_or_give_up(response, encode(frame, resumed))

@@ -43,7 +43,7 @@ class AttemptRecord:
     """One line of the answer's `attempts`: what happened on which target, and how long it took."""
 
     target: str
-    status: str  # ok | error | invalid | skipped | cancelled
+    status: str  # ok | error | invalid | skipped | cancelled | broken (a committed stream cut mid-way)
     ms: int
     error: str | None = None
 
@@ -267,10 +267,20 @@ class Engine:
             call.shed_reason = reason
         return False
 
-    async def _attempt(self, call: Call, target: CompiledTarget, step: int) -> Answer:
+    async def resume(self, call: Call, target: CompiledTarget, request: ChatRequest, step: int) -> LiveStream:
+        """A broken stream's continuation (`streams.follow`): an attempt like any other, with its span,
+        metric, `attempts` entry and health record, on the prefilled request."""
+        answer = await self._attempt(call, target, step, request)
+        assert answer.stream is not None
+        return answer.stream
+
+    async def _attempt(
+        self, call: Call, target: CompiledTarget, step: int, request: ChatRequest | None = None
+    ) -> Answer:
         """One upstream call; records its outcome on the target's health and in `attempts`."""
         started = time.monotonic()
-        request = call.build(target)
+        if request is None:
+            request = call.build(target)
         model = target.model_for(call.requested_model)
         left = max(0.001, call.hard_deadline - started)
         timeouts = AttemptTimeouts(

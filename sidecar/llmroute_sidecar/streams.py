@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import AsyncGenerator
 
-from .errors import RetryableError, StreamBroken, UpstreamError
+from .errors import StreamBroken, UpstreamError
 from .messages import ChatRequest, StreamEvent, StreamStart, TextDelta, ToolCallDelta, ToolCallStart
-from .providers.base import AttemptTimeouts, StreamFrame
-from .strategies import STREAM_IDLE_TIMEOUT, Answer, LiveStream, _open_stream
+from .providers.base import StreamFrame
+from .strategies import Answer, AttemptRecord, Call, Engine, LiveStream
 
 MAX_RESUMES = 2
 
 
-async def follow(
-    answer: Answer, resume: bool, attempt_timeout: float, idle_timeout: float = STREAM_IDLE_TIMEOUT
-) -> AsyncGenerator[tuple[StreamFrame, bool], None]:
+async def follow(answer: Answer, call: Call, engine: Engine) -> AsyncGenerator[tuple[StreamFrame, bool], None]:
     """Yield (frame, resumed) until the upstream's proper end; `resumed` frames come from a
     continuation and must be re-encoded rather than relayed (their framing restarts upstream).
 
@@ -35,7 +32,8 @@ async def follow(
     so the provider stops generating tokens nobody reads.
 
     A resume is a new upstream request: it spends a token of the provider's retry budget like any
-    retry, and a break the budget cannot pay for ends the stream with an error instead."""
+    retry, and a break the budget cannot pay for ends the stream with an error instead. It is an
+    attempt like the others (span, metric, `attempts`), within the client's own deadline."""
     live = answer.stream
     assert live is not None
     target = answer.target
@@ -60,8 +58,12 @@ async def follow(
                 return
             except UpstreamError as exc:
                 target.health.record_failure(0.0)
+                call.attempts.append(AttemptRecord(target.name, "broken", 0, exc.label))
                 can_resume = (
-                    resume and target.adapter.supports_prefill and not saw_tool_call and not _thinks(live.request)
+                    call.route.spec.resume_streams
+                    and target.adapter.supports_prefill
+                    and not saw_tool_call
+                    and not _thinks(live.request)
                 )
                 if not can_resume or resumes >= MAX_RESUMES or not target.budget.try_withdraw():
                     raise StreamBroken(
@@ -71,18 +73,12 @@ async def follow(
                 so_far = "".join(text)
                 pending_space = so_far[len(so_far.rstrip()) :]  # the adapter trims it from the prefill
                 request = dataclasses.replace(live.request, prefill=so_far or None)
-                started = time.monotonic()
                 try:
-                    continuation = await _open_stream(
-                        target, request, live.model, AttemptTimeouts(first_byte=attempt_timeout, idle=idle_timeout)
-                    )
+                    continuation = await engine.resume(call, target, request, resumes)
                 except UpstreamError as again:
-                    if isinstance(again, RetryableError):
-                        target.health.record_failure(time.monotonic() - started)
                     raise StreamBroken(
                         f"upstream stream broke and could not resume: {again.message}", condition=exc.condition
                     ) from None
-                target.health.record_success(time.monotonic() - started)
                 resumed = True
                 await _close(frames, live)
                 live = continuation

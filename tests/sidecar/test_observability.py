@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmroute_sidecar.simulator.fake_statuspage import FakeStatusPage
-from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Reply
+from llmroute_sidecar.simulator.fakes import CutStream, Fail, FakeProvider, Reply
 from llmroute_sidecar.telemetry import Telemetry, tracer_provider_from_env
 
 from .harness import policy_document, running_sidecar
@@ -118,6 +118,31 @@ def attribute_values(span: ReadableSpan) -> Iterator[str]:
 
 
 # ----- traces ---------------------------------------------------------------------------------------------
+
+
+async def test_a_stream_resume_is_an_attempt_with_its_own_span_and_metric(
+    fakes: tuple[FakeProvider, FakeProvider], keys: None, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    primary, fallback = fakes
+    provider, memory = exporter
+    full = "The quick brown fox jumps over the lazy dog."
+    primary.script(CutStream(text=full, after_chunks=2), Reply(text=full))
+    async with running_sidecar(document(primary, fallback), tracer_provider=provider) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            body = {"variables": {"text": "hello"}, "stream": True}
+            async with session.post(f"{url}/v1/routes/summarize", json=body) as response:
+                raw = (await response.read()).decode()
+            assert response.status == 200 and "event: done" in raw and "event: error" not in raw
+            samples = await metrics(session, url)
+    assert primary.count() == 2 and fallback.count() == 0
+    assert value(samples, "llmroute_attempts_total", route="summarize", target="primary", provider="claude",
+                 result="ok") == 2
+    [server] = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    clients = [s for s in memory.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert len(clients) == 2, "the first attempt and its resume"
+    assert all(c.parent is not None and c.parent.span_id == server.context.span_id for c in clients)
+    assert [c.attributes["llmroute.attempt"] for c in clients if c.attributes] == [0, 1]
+    assert server.attributes is not None and server.attributes["llmroute.outcome"] == "ok"
 
 
 async def test_server_span_per_request_with_a_client_span_per_attempt(
@@ -370,8 +395,8 @@ async def test_status_shows_pages_circuits_budgets_and_fallback_rate(
     assert set(status["retryBudgets"]) == {"claude", "gpt"}
     assert status["retryBudgets"]["claude"]["requests"] == 2
     assert recent["answered"] == 2 and recent["fallback"] == 1 and recent["rate"] == 0.5
-    if "recentFallback" in route:  # shown once server.py reads Telemetry.recent_fallback
-        assert route["recentFallback"]["rate"] == 0.5
+    assert route["recentFallback"]["rate"] == 0.5
+    assert route["recentFallback"]["answered"] == 2 and route["recentFallback"]["fallback"] == 1
 
 
 async def test_one_json_log_line_per_request_without_keys_or_prompts(

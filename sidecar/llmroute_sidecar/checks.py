@@ -47,8 +47,10 @@ class AnswerCheck:
                 return "answer is not valid JSON"
             error = next(iter(self._schema.iter_errors(document)), None)
             if error is not None:
+                # The schema keyword that failed, never `error.message`: it quotes the answer itself, and
+                # this text reaches `attempts` and the logs, which never carry completions.
                 where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-                return f"answer does not match jsonSchema at {where}: {error.message[:200]}"
+                return f"answer does not match jsonSchema at {where} (failed: {error.validator})"
         return None
 
 

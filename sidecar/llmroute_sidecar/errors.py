@@ -70,8 +70,8 @@ class UpstreamError(LLMRouteError):
     @property
     def label(self) -> str:
         """Short description for `attempts` and logs (never a key or prompt: built from types)."""
-        if self.condition == "untranslatable":
-            return f"untranslatable: {self.message}"
+        if self.condition in ("untranslatable", "validation"):
+            return f"{self.condition}: {self.message}"
         return str(self.condition) if self.status is None else f"{self.status} {self.error_type}"
 
 

@@ -301,7 +301,9 @@ class Engine:
                     response = await target.adapter.complete(request, model, timeouts)
                     problem = target.check.problem(response) if target.check else None
                     if problem is not None:
-                        raise FailoverError(f"quality check failed: {problem}", error_type="validation")
+                        raise FailoverError(
+                            f"quality check failed: {problem}", condition="validation", error_type="validation"
+                        )
                     answer = Answer(target, response=response)
                     span.response(response)
             except asyncio.CancelledError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -40,7 +41,10 @@ async def test_microspike_recovers_on_primary_without_fallback(fakes):
 async def test_sustained_outage_sheds_to_fallback_with_its_own_prompt_and_model(fakes):
     primary, fallback = fakes
     primary.default = Fail(529)
-    async with running_sidecar(policy_document(primary.url, fallback.url)) as (url, _):
+    # openAfter defaults to the budget: this one request, failing for its whole budget, may open the
+    # circuit in its last retry (then the reason is circuit-open). Here the budget alone decides.
+    document = policy_document(primary.url, fallback.url, spec={"circuitBreaker": {"openAfter": "10s"}})
+    async with running_sidecar(document) as (url, _):
         status, headers, body = await post(url, variables={"text": "printer on fire"})
     assert status == 200
     assert body["target"] == "backup" and body["degraded"] is True
@@ -181,6 +185,17 @@ async def test_streaming_route_api_sends_meta_deltas_done(fakes):
             ) as response:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
                 raw = (await response.read()).decode()
-    events = [block.split("\n")[0].removeprefix("event: ") for block in raw.strip().split("\n\n")]
-    assert events[0] == "meta" and events[-1] == "done" and "delta" in events
-    assert "echo: Summarize:\\nhi" in raw.replace('","text":"', "") or "hi" in raw
+    blocks = [block.split("\n", 1) for block in raw.strip().split("\n\n")]
+    events = [(head.removeprefix("event: "), json.loads(data.removeprefix("data: "))) for head, data in blocks]
+    names = [name for name, _ in events]
+    assert names[0] == "meta" and names[-1] == "done" and "delta" in names
+    meta = events[0][1]
+    # The scripted 529 happened before the stream: a failed attempt, then the one that streamed.
+    assert meta["target"] == "primary"
+    assert [(a["target"], a["status"], a.get("error")) for a in meta["attempts"]] == [
+        ("primary", "error", "529 overloaded_error"),
+        ("primary", "ok", None),
+    ]
+    assert primary.count() == 2 and fallback.count() == 0
+    text = "".join(data["text"] for name, data in events if name == "delta")
+    assert text == "echo: Summarize:\nhi"

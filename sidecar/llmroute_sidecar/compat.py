@@ -30,7 +30,7 @@ from .errors import ClientError, RequestError, StreamBroken, UpstreamError
 from .messages import ChatRequest
 from .providers import app_codec
 from .providers.base import AppCodec, StreamFrame
-from .runtime import CompiledTarget
+from .runtime import CompiledRoute, CompiledTarget
 from .server import (
     STATE,
     Draining,
@@ -86,6 +86,7 @@ async def _serve_admitted(
     state: SidecarState, request: web.Request, codec: AppCodec, ticket: Ticket
 ) -> web.StreamResponse:
     runtime = state.runtime
+    route: CompiledRoute | None = None
     with state.telemetry.request_span(f"POST {request.path}", None) as span:
         try:
             if runtime is None:
@@ -107,7 +108,7 @@ async def _serve_admitted(
                 raise RequestError(404, f'no route for model "{model}" and no defaultRoute', "not_found_error")
             stream = body.get("stream", False) is True
         except RequestError as exc:
-            return finish_error(_error(codec, exc.status, exc.error_type, exc.message, {}))
+            return finish_error(state, span, route, exc, _error(codec, exc.status, exc.error_type, exc.message, {}))
 
         def build(target: CompiledTarget) -> Any:
             own = dataclasses.replace(app_request)

@@ -416,8 +416,21 @@ def shed_headers() -> dict[str, str]:
     }
 
 
-def finish_error(response: web.Response) -> web.Response:
-    """A 408 leaves the rest of the body unread on the connection: close it rather than linger."""
+def finish_error(
+    state: SidecarState, span: trace.Span, route: CompiledRoute | None, exc: RequestError, response: web.Response
+) -> web.Response:
+    """A request refused before any upstream call: counted (`outcome="request_error"`, the route only
+    when it exists: a client must not mint metric labels) and logged like any other. A 408 leaves the
+    rest of the body unread on the connection: close it rather than linger."""
+    state.telemetry.request_refused(span, route.name if route is not None else "none", exc.status, exc.error_type)
+    if request_log.isEnabledFor(logging.INFO):
+        request_log.info(orjson.dumps({
+            "event": "request",
+            "route": route.name if route is not None else None,
+            "outcome": "request_error",
+            "status": exc.status,
+            "error": exc.error_type,
+        }).decode())
     if response.status == 408:
         response.force_close()
     return response
@@ -453,14 +466,15 @@ async def route_api(request: web.Request) -> web.StreamResponse:
 async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) -> web.StreamResponse:
     runtime = state.runtime
     name = request.match_info["route"]
+    route: CompiledRoute | None = None
     with state.telemetry.request_span(f"POST /v1/routes/{name}", name) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "unavailable")
-            body = await read_json(request, ticket)
             route = runtime.route(name)
             if route is None:
                 raise RequestError(404, f'unknown route "{name}"', "not_found_error")
+            body = await read_json(request, ticket)
             variables = body.get("variables", {})
             stream = body.get("stream", False)
             if not isinstance(variables, dict):
@@ -470,7 +484,7 @@ async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) 
             # Every target's prompt renders now, so a missing variable fails before any upstream call.
             prepared = {t.name: t.route_request(variables) for t in route.targets}
         except RequestError as exc:
-            return finish_error(_route_error(exc.status, exc.error_type, exc.message))
+            return finish_error(state, span, route, exc, _route_error(exc.status, exc.error_type, exc.message))
         call = new_call(route, request, lambda target: prepared[target.name], stream, span)
         return await _serve_route(state, request, span, call)
 

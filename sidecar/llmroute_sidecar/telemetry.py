@@ -282,6 +282,14 @@ class Telemetry:
             if outcome != "ok":
                 span.set_status(Status(StatusCode.ERROR, outcome))
 
+    def request_refused(self, span: Span, route: str, status: int, error_type: str) -> None:
+        """A request answered with an error before any upstream call (bad JSON, unknown route, ...)."""
+        self._child(self.requests, route, "none", "false", "request_error").inc()
+        if span.is_recording():
+            span.set_attributes({"llmroute.route": route, "llmroute.outcome": "request_error",
+                                 "http.response.status_code": status})
+            _mark_failed(span, error_type)
+
     def recent_fallback(self, route: str) -> dict[str, float]:
         """The route's answers and the share of them from a fallback over the last minute (`/status`)."""
         recent = self._recent.get(route)

@@ -269,6 +269,33 @@ def test_no_otel_variables_means_no_exporter(monkeypatch: pytest.MonkeyPatch) ->
 # ----- metrics --------------------------------------------------------------------------------------------
 
 
+async def test_requests_refused_before_any_upstream_call_are_counted_and_traced(
+    fakes: tuple[FakeProvider, FakeProvider], keys: None, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    primary, fallback = fakes
+    provider, memory = exporter
+    async with running_sidecar(document(primary, fallback), tracer_provider=provider) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            for path, body in [
+                ("/v1/routes/summarize", b"{not json"),
+                ("/v1/routes/summarize", b'{"variables": {}}'),  # the template's `text` is missing
+                ("/v1/routes/no-such-route-1", b"{}"),
+                ("/v1/routes/no-such-route-2", b"{}"),
+                ("/anthropic/v1/messages", b'{"model": "m", "messages": "not a list"}'),
+            ]:
+                async with session.post(url + path, data=body) as response:
+                    assert 400 <= response.status < 500
+            samples = await metrics(session, url)
+    assert primary.count() == fallback.count() == 0
+    refused = {"target": "none", "degraded": "false", "outcome": "request_error"}
+    assert value(samples, "llmroute_requests_total", route="summarize", **refused) == 2
+    assert value(samples, "llmroute_requests_total", route="none", **refused) == 3  # no label per bad name
+    assert total(samples, "llmroute_requests_total", route="no-such-route-1") == 0
+    servers = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert len(servers) == 5 and all(s.status.status_code == StatusCode.ERROR for s in servers)
+    assert all(s.attributes and s.attributes["llmroute.outcome"] == "request_error" for s in servers)
+
+
 async def test_metrics_match_the_requests_made(fakes: tuple[FakeProvider, FakeProvider], keys: None) -> None:
     primary, fallback = fakes
     async with FakeStatusPage.claude() as page:

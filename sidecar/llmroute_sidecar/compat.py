@@ -34,6 +34,7 @@ from .runtime import CompiledRoute, CompiledTarget
 from .server import (
     STATE,
     Draining,
+    Overloaded,
     SidecarState,
     Ticket,
     answer_headers,
@@ -47,6 +48,7 @@ from .server import (
     relay_stream,
     run_drainable,
     shed_headers,
+    shed_partly_read,
 )
 from .strategies import Answer, Call, GaveUp
 
@@ -73,13 +75,19 @@ async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
     codec = app_codec(dialect)
     ticket = state.admit(request)
     if ticket is None:
-        status = _OVERLOAD_STATUS.get(dialect, 503)
-        body = codec.error_body(status, "overloaded_error", "the llmroute sidecar is at capacity; retry shortly")
-        return json_response(status, body, shed_headers())
+        return _overloaded(codec)
     try:
         return await _serve_admitted(state, request, codec, ticket)
+    except Overloaded:
+        return shed_partly_read(_overloaded(codec))
     finally:
         ticket.release()
+
+
+def _overloaded(codec: AppCodec) -> web.Response:
+    status = _OVERLOAD_STATUS.get(codec.dialect, 503)
+    body = codec.error_body(status, "overloaded_error", "the llmroute sidecar is at capacity; retry shortly")
+    return json_response(status, body, shed_headers())
 
 
 async def _serve_admitted(

@@ -170,6 +170,17 @@ class Ticket:
         self.state.buffered_bytes += size - self.body_bytes
         self.body_bytes = size
 
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes of a body of undeclared length as it arrives; False when that would
+        pass `max_buffered_bytes` while other requests hold some (one request is always admitted)."""
+        state = self.state
+        others = state.buffered_bytes - self.body_bytes
+        if others and state.buffered_bytes + size > state.max_buffered_bytes:
+            return False
+        state.buffered_bytes += size
+        self.body_bytes += size
+        return True
+
     def release(self) -> None:
         if not self.released:
             self.released = True
@@ -294,11 +305,14 @@ async def read_json(request: web.Request, ticket: Ticket | None = None) -> dict[
     state = request.app[STATE]
     timeout = state.body_timeout if state.body_timeout is not None else BODY_TIMEOUT
     try:
-        if request.content.is_eof():  # the usual case: the whole body came with the headers
+        if ticket is not None and request.content_length is None:
+            async with asyncio.timeout(timeout):
+                raw = await _read_undeclared(request, ticket)
+        elif request.content.is_eof():  # the usual case: the whole body came with the headers
             raw = await request.read()
         else:
             async with asyncio.timeout(timeout):
-                raw = await request.read()
+                raw = await request.read()  # its declared length was reserved at admission
     except TimeoutError:
         raise RequestError(408, "request body not received in time", "timeout_error") from None
     except web.HTTPRequestEntityTooLarge:
@@ -314,6 +328,21 @@ async def read_json(request: web.Request, ticket: Ticket | None = None) -> dict[
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object")
     return body
+
+
+async def _read_undeclared(request: web.Request, ticket: Ticket) -> bytes:
+    """A chunked body, counted against the sidecar's memory cap as it arrives (HOSTILE D3, E6)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=size)
+        if not ticket.take(len(chunk)):
+            request.app[STATE].telemetry.load_shed.labels("buffered-bytes").inc()
+            raise Overloaded
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def new_call(
@@ -405,6 +434,16 @@ def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) ->
     )
 
 
+class Overloaded(Exception):
+    """A body of undeclared length outgrew what the sidecar may hold: shed it, partly read (E6)."""
+
+
+def shed_partly_read(response: web.Response) -> web.Response:
+    """The rest of the body is still on the connection: close it rather than read what we refused."""
+    response.force_close()
+    return response
+
+
 def shed_headers() -> dict[str, str]:
     """Load shedding: nothing was sent upstream, so the SDK may retry, after a jittered wait (both
     official SDKs read `retry-after-ms` first; `retry-after` is for everyone else)."""
@@ -455,12 +494,18 @@ async def route_api(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     ticket = state.admit(request)
     if ticket is None:
-        body = {"error": {"type": "overloaded", "message": "the sidecar is at capacity; retry shortly"}}
-        return json_response(503, body, shed_headers())
+        return _route_overloaded()
     try:
         return await _route_api(state, request, ticket)
+    except Overloaded:
+        return shed_partly_read(_route_overloaded())
     finally:
         ticket.release()
+
+
+def _route_overloaded() -> web.Response:
+    body = {"error": {"type": "overloaded", "message": "the sidecar is at capacity; retry shortly"}}
+    return json_response(503, body, shed_headers())
 
 
 async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) -> web.StreamResponse:

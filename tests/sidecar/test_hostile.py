@@ -1003,3 +1003,43 @@ async def test_e6_request_bodies_held_at_once_are_capped_but_one_is_always_admit
         metrics = await get_text(url, "/metrics")
     assert status == 200
     assert counter(metrics, "llmroute_load_shed_total", reason="buffered-bytes") == 1
+
+
+async def post_chunked(url: str, path: str, body: Any) -> tuple[int, dict[str, str], bytes]:
+    """A body of undeclared length (Transfer-Encoding: chunked), sent in 500-byte pieces."""
+    raw = json.dumps(body).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 500):
+            yield raw[start : start + 500]
+
+    async with aiohttp.ClientSession() as session, session.post(
+        url + path, data=pieces(), headers={"Content-Type": "application/json"}
+    ) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
+
+
+async def test_e6_chunked_bodies_count_against_the_cap_as_they_arrive(
+    fakes: tuple[FakeProvider, FakeProvider],
+) -> None:
+    primary, fallback = fakes
+    big = anthropic_body(messages=[{"role": "user", "content": "x" * 5000}])
+    async with sidecar(document(primary, fallback), max_buffered_bytes=4000, body_timeout=5) as (url, state):
+        assert (await post_chunked(url, ANTHROPIC, big))[0] == 200  # alone: admitted whatever its size
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {ANTHROPIC} HTTP/1.1\r\nHost: s\r\nContent-Length: 3000\r\n\r\n{{".encode())
+        await writer.drain()
+        deadline = time.monotonic() + 2
+        while state.buffered_bytes < 3000:  # the trickling upload holds 3000 bytes of the cap
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        status, headers, body = await post_chunked(url, ANTHROPIC, big)
+        assert status == 529 and error_type(ANTHROPIC, body) == "overloaded_error"
+        assert headers["x-should-retry"] == "true" and headers["llmroute-shed-reason"] == "overloaded"
+        assert state.buffered_bytes == 3000  # what the refused body had taken is released
+        assert (await post_chunked(url, ANTHROPIC, anthropic_body()))[0] == 200  # a small one fits beside it
+        writer.close()
+        metrics = await get_text(url, "/metrics")
+    assert primary.count() == 2  # the refused body never went upstream
+    assert counter(metrics, "llmroute_load_shed_total", reason="buffered-bytes") == 1

@@ -107,6 +107,17 @@ class ChatRequest:
     def effective_system(self) -> str | None:
         return self.system_override if self.system_override is not None else self.system
 
+    def transcript(self) -> list[dict[str, str]]:
+        """The conversation as plain text, for a policy that opted in to recording content."""
+        lines = [{"role": "system", "text": self.effective_system}] if self.effective_system else []
+        for message in self.messages:
+            text = "".join(
+                part.text if isinstance(part, Text) else part.content if isinstance(part, ToolResult) else ""
+                for part in message.parts
+            )
+            lines.append({"role": message.role, "text": text})
+        return lines
+
 
 @dataclass(slots=True)
 class Usage:

@@ -86,6 +86,8 @@ class CompiledRoute:
     spec: Route
     targets: list[CompiledTarget]
     quorum_targets: list[CompiledTarget]
+    record_content: bool = False
+    """The policy's `telemetry.recordContent`: prompts and completions in the request log and span."""
 
     @property
     def name(self) -> str:
@@ -198,7 +200,7 @@ class Upstreams:
             quorum_targets = (
                 [by_name[n] for n in quorum.targets if n in by_name] if quorum and quorum.targets else targets
             )
-            routes[route.name] = CompiledRoute(route, targets, quorum_targets)
+            routes[route.name] = CompiledRoute(route, targets, quorum_targets, spec.telemetry.record_content)
         if problems:
             raise PolicyError(problems)
         self.status.configure(spec.providers)

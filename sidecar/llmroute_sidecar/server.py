@@ -377,6 +377,7 @@ def new_call(
         sdk_retry=retry_count.strip() not in ("", "0"),
         headers=request.headers,
         span=span,
+        streamed=[] if stream and route.record_content else None,
     )
 
 
@@ -412,6 +413,9 @@ def finish(
     state.telemetry.request_done(
         span, call.route.name, target, degraded, outcome, seconds, call.retry_wait, call.shed_reason
     )
+    content = recorded_content(call, answer) if call.route.record_content else None
+    if content is not None and span.is_recording():
+        span.set_attributes({name: orjson.dumps(value).decode() for name, value in content.items()})
     if request_log.isEnabledFor(logging.INFO):
         request_log.info(orjson.dumps({
             "event": "request",
@@ -425,7 +429,20 @@ def finish(
             "shedReason": call.shed_reason,
             "retryWaitMs": round(call.retry_wait * 1000, 1),
             "stream": call.stream,
+            **(content or {}),
         }).decode())
+
+
+def recorded_content(call: Call, answer: Answer | None) -> dict[str, Any]:
+    """Prompt and completion of a call, for a policy that opted in (`telemetry.recordContent`); the
+    names are the OpenTelemetry GenAI attributes. The prompt is the one the answering target got."""
+    target = answer.target if answer is not None else call.route.targets[0]
+    content: dict[str, Any] = {"gen_ai.input.messages": call.build(target).transcript()}
+    if answer is not None and answer.response is not None:
+        content["gen_ai.output.messages"] = [{"role": "assistant", "text": answer.response.text}]
+    elif call.streamed is not None:
+        content["gen_ai.output.messages"] = [{"role": "assistant", "text": "".join(call.streamed)}]
+    return content
 
 
 def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) -> None:
@@ -675,6 +692,8 @@ async def relay_stream(
                         for event in frame.events:
                             if isinstance(event, StreamEnd):
                                 record_usage(state, answer, live.model, event.usage)
+                            elif call.streamed is not None and isinstance(event, TextDelta):
+                                call.streamed.append(event.text)
         except StreamBroken as exc:
             await write_or_give_up(response, broken(exc))
             await response.write_eof()

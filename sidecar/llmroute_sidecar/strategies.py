@@ -97,6 +97,8 @@ class Call:
     last_error: UpstreamError | None = None
     span: Span = INVALID_SPAN
     """The request's server span: the parent of every attempt span."""
+    streamed: list[str] | None = None
+    """The text streamed to the app, kept only when the route records content."""
 
 
 class GaveUp(LLMRouteError):

@@ -447,3 +447,28 @@ async def test_one_json_log_line_per_request_without_keys_or_prompts(
     for line in lines:
         assert ANTHROPIC_KEY not in line and OPENAI_KEY not in line and "hunter2" not in line
         assert "echo:" not in line and "You summarize" not in line
+
+
+async def test_record_content_opts_in_to_prompts_and_completions_in_the_log_and_the_span(
+    fakes: tuple[FakeProvider, FakeProvider],
+    keys: None,
+    caplog: pytest.LogCaptureFixture,
+    exporter: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    primary, fallback = fakes
+    provider, memory = exporter
+    caplog.set_level(logging.INFO, logger="llmroute.requests")
+    primary.script(Reply(text="a plain answer"), Reply(text="a streamed answer"))
+    recording = document(primary, fallback, spec={"telemetry": {"recordContent": True}})
+    async with running_sidecar(recording, tracer_provider=provider) as (url, _), aiohttp.ClientSession() as session:
+        await post(session, url, text="what the user asked")
+        body = {"variables": {"text": "asked again"}, "stream": True}
+        async with session.post(f"{url}/v1/routes/summarize", json=body) as response:
+            assert response.status == 200 and "event: done" in (await response.read()).decode()
+    plain, streamed = (json.loads(r.getMessage()) for r in caplog.records if r.name == "llmroute.requests")
+    assert plain["gen_ai.input.messages"][-1] == {"role": "user", "text": "Summarize:\nwhat the user asked"}
+    assert plain["gen_ai.output.messages"] == [{"role": "assistant", "text": "a plain answer"}]
+    assert streamed["gen_ai.output.messages"] == [{"role": "assistant", "text": "a streamed answer"}]
+    servers = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert all(s.attributes and "a " in str(s.attributes["gen_ai.output.messages"]) for s in servers)
+    assert all(ANTHROPIC_KEY not in json.dumps(dict(s.attributes or {})) for s in servers)

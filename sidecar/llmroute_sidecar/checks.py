@@ -2,6 +2,9 @@
 
 A fallback model may answer in a different shape; its own check decides whether the answer is usable,
 and a failed check sends the request on to the next target. Validators are compiled once per policy.
+
+Checks apply to complete answers. A stream commits at its first token (the app has it by then), so a
+streamed answer is never checked: a route that must validate serves its callers without streaming.
 """
 
 from __future__ import annotations

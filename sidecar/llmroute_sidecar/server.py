@@ -51,7 +51,7 @@ from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
 from .sse import json_frame
 from .strategies import STREAM_IDLE_TIMEOUT, Answer, Call, Engine, GaveUp
 from .streams import follow
-from .telemetry import Telemetry
+from .telemetry import Telemetry, span_usage
 
 MAX_BODY = 32 * 1024 * 1024
 BODY_TIMEOUT = 30.0
@@ -692,6 +692,7 @@ async def relay_stream(
                         for event in frame.events:
                             if isinstance(event, StreamEnd):
                                 record_usage(state, answer, live.model, event.usage)
+                                span_usage(call.span, event.usage)
                             elif call.streamed is not None and isinstance(event, TextDelta):
                                 call.streamed.append(event.text)
         except StreamBroken as exc:

@@ -63,10 +63,7 @@ class AttemptSpan:
         self.failed = False
 
     def usage(self, usage: Usage) -> None:
-        if self.span.is_recording():
-            self.span.set_attributes(
-                {"gen_ai.usage.input_tokens": usage.input_tokens, "gen_ai.usage.output_tokens": usage.output_tokens}
-            )
+        span_usage(self.span, usage)
 
     def response(self, response: ChatResponse) -> None:
         """What the provider answered: model, stop reason, usage (never the text)."""
@@ -111,6 +108,15 @@ class RequestSpan:
         if isinstance(exc, Exception):
             _mark_failed(self.span, type(exc).__qualname__)
         self.span.end()
+
+
+def span_usage(span: Span, usage: Usage) -> None:
+    """Token usage on a span (a stream's usage arrives with its end, after its attempt span closed: the
+    request's span carries it then)."""
+    if span.is_recording():
+        span.set_attributes(
+            {"gen_ai.usage.input_tokens": usage.input_tokens, "gen_ai.usage.output_tokens": usage.output_tokens}
+        )
 
 
 def _mark_failed(span: Span, error_type: str) -> None:

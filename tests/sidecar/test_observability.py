@@ -143,6 +143,7 @@ async def test_a_stream_resume_is_an_attempt_with_its_own_span_and_metric(
     assert all(c.parent is not None and c.parent.span_id == server.context.span_id for c in clients)
     assert [c.attributes["llmroute.attempt"] for c in clients if c.attributes] == [0, 1]
     assert server.attributes is not None and server.attributes["llmroute.outcome"] == "ok"
+    assert server.attributes["gen_ai.usage.output_tokens"] > 0  # a stream's usage lands on the request span
 
 
 async def test_server_span_per_request_with_a_client_span_per_attempt(

@@ -272,7 +272,10 @@ class Telemetry:
     ) -> None:
         self._child(self.requests, route, target, "true" if degraded else "false", outcome).inc()
         if outcome == "ok":  # answered by a fallback: degraded, or shed off its primary for any reason
-            self._recent.setdefault(route, RecentShare()).add(degraded or shed_reason is not None)
+            recent = self._recent.get(route)
+            if recent is None:  # not setdefault: that would build two 60-slot lists per request
+                recent = self._recent[route] = RecentShare()
+            recent.add(degraded or shed_reason is not None)
         self._child(self.duration, route).observe(seconds)
         self._child(self.retry_wait, route).observe(retry_wait)
         if shed_reason is not None:

@@ -95,7 +95,7 @@ async def _serve_admitted(
 ) -> web.StreamResponse:
     runtime = state.runtime
     route: CompiledRoute | None = None
-    with state.telemetry.request_span(f"POST {request.path}", None) as span:
+    with state.telemetry.request_span(f"POST {request.path}", None, request.headers) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "api_error")

@@ -529,7 +529,7 @@ async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) 
     runtime = state.runtime
     name = request.match_info["route"]
     route: CompiledRoute | None = None
-    with state.telemetry.request_span(f"POST /v1/routes/{name}", name) as span:
+    with state.telemetry.request_span(f"POST /v1/routes/{name}", name, request.headers) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "unavailable")

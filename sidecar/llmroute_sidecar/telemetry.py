@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
+from opentelemetry.propagate import extract
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -251,13 +252,20 @@ class Telemetry:
         return child
 
     # ----- request level (server) ----------------------------------------------------------------------
-    def request_span(self, name: str, route: str | None) -> RequestSpan:
-        """Spans are started with an explicit parent and never made "current": attaching a context per
-        span costs more than the span itself on the hot path, and nothing here reads the current span."""
+    def request_span(
+        self, name: str, route: str | None, headers: Mapping[str, str] | None = None
+    ) -> RequestSpan:
+        """The server span, a child of the app's own span when its request carries W3C trace context
+        (`traceparent`, read by the configured propagators). Spans are started with an explicit parent and
+        never made "current": attaching a context per span costs more than the span itself on the hot
+        path, and nothing here reads the current span."""
         if not self.tracing:
             return _NO_REQUEST_SPAN
         attributes = {"llmroute.route": route} if route is not None else None
-        return RequestSpan(self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attributes))
+        parent = extract(headers) if headers is not None and "traceparent" in headers else None
+        return RequestSpan(
+            self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        )
 
     def request_done(
         self,

@@ -120,6 +120,28 @@ def attribute_values(span: ReadableSpan) -> Iterator[str]:
 # ----- traces ---------------------------------------------------------------------------------------------
 
 
+async def test_the_server_span_continues_the_apps_trace(
+    fakes: tuple[FakeProvider, FakeProvider], keys: None, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    primary, fallback = fakes
+    provider, memory = exporter
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with running_sidecar(document(primary, fallback), tracer_provider=provider) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "claude-app", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+            async with session.post(f"{url}/anthropic/v1/messages", json=body, headers=headers) as response:
+                assert response.status == 200
+            status, _, _ = await post(session, url)  # no trace context: a trace of its own
+            assert status == 200
+    first, second = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert f"{first.context.trace_id:032x}" == trace_id
+    assert first.parent is not None and f"{first.parent.span_id:016x}" == parent_id and first.parent.is_remote
+    assert second.parent is None and f"{second.context.trace_id:032x}" != trace_id
+    [attempt] = [s for s in memory.get_finished_spans() if s.kind == SpanKind.CLIENT][:1]
+    assert attempt.context.trace_id == first.context.trace_id
+
+
 async def test_a_stream_resume_is_an_attempt_with_its_own_span_and_metric(
     fakes: tuple[FakeProvider, FakeProvider], keys: None, exporter: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:

@@ -114,7 +114,7 @@ def _tune_gc() -> None:
 async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> None:
     from aiohttp import web
 
-    from .server import create_app, shut_down
+    from .server import IDLE_TIMEOUT, create_app, env_number, shut_down
     from .telemetry import tracer_provider_from_env
 
     app = create_app(
@@ -122,11 +122,14 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
         status_relay=os.environ.get("LLMROUTE_STATUS_RELAY") or None,
         tracer_provider=tracer_provider_from_env(),
     )
-    # keepalive_timeout: aiohttp keeps an idle connection for an hour by default; SDK pools drop theirs
-    # after seconds. No header-read deadline exists in aiohttp (slowloris, HOSTILE D5): the default
-    # listen address is loopback, reachable only from inside the pod.
+    # keepalive_timeout doubles as the header-read deadline (see server.IDLE_TIMEOUT); aiohttp's default
+    # keeps an idle connection for an hour.
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None, keepalive_timeout=75.0
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=drain_timeout,
+        access_log=None,
+        keepalive_timeout=env_number("LLMROUTE_IDLE_TIMEOUT", IDLE_TIMEOUT),
     )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)

@@ -62,6 +62,11 @@ MAX_IN_FLIGHT = 512
 """Proxied requests served at once (`LLMROUTE_MAX_IN_FLIGHT`); more are shed (HOSTILE E6)."""
 MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 """Request-body bytes held at once (`LLMROUTE_MAX_BUFFERED_BYTES`); more are shed (HOSTILE D3, E6)."""
+IDLE_TIMEOUT = 15.0
+"""Seconds a client connection may go without a complete request (`LLMROUTE_IDLE_TIMEOUT`): an idle
+keep-alive connection, or one dribbling its headers (slowloris, HOSTILE D5). aiohttp arms it when the
+connection opens and after every response, and partial headers do not reset it. SDK pools drop idle
+connections sooner (httpx: 5 s), so they never race it."""
 DRAIN_MARGIN = 2.0
 """Seconds before the drain deadline at which requests still running are ended with an error (E5)."""
 CLIENT_DEADLINE_MARGIN = 0.5
@@ -212,16 +217,16 @@ def create_app(
     `body_timeout` (30 s) bounds reading a request body; `stream_idle_timeout`
     (`LLMROUTE_STREAM_IDLE_TIMEOUT`, 90 s) is the longest upstream silence inside a stream."""
     app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
-    in_flight = max_in_flight if max_in_flight is not None else _env_number("LLMROUTE_MAX_IN_FLIGHT", MAX_IN_FLIGHT)
+    in_flight = max_in_flight if max_in_flight is not None else env_number("LLMROUTE_MAX_IN_FLIGHT", MAX_IN_FLIGHT)
     buffered = (
         max_buffered_bytes
         if max_buffered_bytes is not None
-        else _env_number("LLMROUTE_MAX_BUFFERED_BYTES", MAX_BUFFERED_BYTES)
+        else env_number("LLMROUTE_MAX_BUFFERED_BYTES", MAX_BUFFERED_BYTES)
     )
     idle = (
         stream_idle_timeout
         if stream_idle_timeout is not None
-        else float(_env_number("LLMROUTE_STREAM_IDLE_TIMEOUT", STREAM_IDLE_TIMEOUT))
+        else float(env_number("LLMROUTE_STREAM_IDLE_TIMEOUT", STREAM_IDLE_TIMEOUT))
     )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -265,7 +270,8 @@ def create_app(
     return app
 
 
-def _env_number(name: str, default: float) -> float:
+def env_number(name: str, default: float) -> float:
+    """A positive number from the environment (a clear error otherwise), or `default` when unset."""
     value = os.environ.get(name)
     if not value:
         return default

@@ -166,6 +166,49 @@ async def test_sigterm_drains_an_in_flight_request(fakes, tmp_path):
             await process.wait()
 
 
+async def test_a_client_dribbling_its_headers_is_cut_off_by_the_idle_timeout(fakes, tmp_path):
+    """HOSTILE D5 (slowloris): the real CLI with LLMROUTE_IDLE_TIMEOUT=1; partial headers never reset it."""
+    primary, fallback = fakes
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy_document(primary.url, fallback.url)))
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmroute_sidecar.cli", "sidecar", "--policy", str(path),
+        "--listen", f"127.0.0.1:{port}",
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}", "LLMROUTE_IDLE_TIMEOUT": "1"},
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            await _until_ready(session, url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/routes/summarize HTTP/1.1\r\nHost: x\r\n")
+        started = asyncio.get_running_loop().time()
+        closed = False
+        for index in range(100):  # a header byte every 50 ms, for up to 5 s
+            writer.write(b"X-Slow-%d: y\r\n" % index)
+            try:
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(1024), 0.05)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                data = b""
+            if data == b"":
+                closed = True
+                break
+        elapsed = asyncio.get_running_loop().time() - started
+        writer.close()
+        assert closed, "the dribbling connection was never closed"
+        assert elapsed < 3.0
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/healthz") as response:
+            assert response.status == 200  # everyone else is served as usual
+    finally:
+        process.terminate()
+        await process.wait()
+
+
 async def _until(condition, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -23,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from llmroute_sidecar.policy import PolicyError, load_policy
+from llmroute_sidecar.policy import PolicyError
 
 from . import GROUP, PLURAL, VERSION
 from .kubeapi import KubeApi, KubeApiError
@@ -36,6 +36,7 @@ from .reconcile import (
     configmap_patch,
     has_missing_secret,
     is_owned_by,
+    load_cluster_policy,
     missing_secrets,
     referenced_secrets,
 )
@@ -133,7 +134,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: 
     now = datetime.datetime.now(datetime.UTC)
     document = {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
     try:
-        policy = load_policy(document)
+        policy = load_cluster_policy(document)
         desired = build_configmap(document)
     except PolicyError as exc:
         patch.status.update(build_status(previous, policy=exc, generation=generation, now=now, configmap=target))

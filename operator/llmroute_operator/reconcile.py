@@ -45,12 +45,28 @@ def render_config(policy: LoadedPolicy) -> str:
     return json.dumps(render_sidecar_config(policy), indent=2, sort_keys=True) + "\n"
 
 
+def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
+    """`load_policy`, plus what only a cluster forbids: keys from anywhere but a Secret. `apiKey.env` and
+    `apiKey.file` are for standalone sidecars; in a pod they would let whoever edits a policy send the
+    sidecar's environment or any file it can read (its service-account token) to a `baseURL` of theirs."""
+    policy = load_policy(policy_body)
+    problems = [
+        f"spec.providers[{index}].apiKey: in a cluster keys come from secretKeyRef (env and file are for "
+        "standalone sidecars)"
+        for index, provider in enumerate(policy.spec.providers)
+        if provider.api_key is not None and provider.api_key.secret_key_ref is None
+    ]
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
 def build_configmap(policy_body: Mapping[str, Any]) -> dict[str, Any]:
     """The ConfigMap for a policy manifest; raises `PolicyError` when the policy is invalid.
 
     The owner reference is left to the caller (`kopf.adopt`), which also copies the namespace.
     """
-    policy = load_policy(policy_body)
+    policy = load_cluster_policy(policy_body)
     metadata = policy_body.get("metadata") or {}
     name = str(metadata.get("name") or policy.name)
     configmap_metadata: dict[str, Any] = {

@@ -81,11 +81,19 @@ class Model(BaseModel):
     )
 
 
+SecretName = Annotated[
+    str,
+    Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+]
+"""A DNS-1123 subdomain: what the Pod API accepts in `secretKeyRef.name` (an invalid one would make the
+injected pod itself invalid, refusing every pod of the Deployment)."""
+
+
 class SecretKeyRef(Model):
     """A key of a Kubernetes Secret in the policy's namespace."""
 
-    name: Name
-    key: str = Field(min_length=1)
+    name: SecretName
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 
 
 class ApiKey(Model):
@@ -381,6 +389,15 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
         key = provider.api_key
         if key is not None and (key.env is None and key.file is None) == (key.secret_key_ref is None):
             errors.append(f"spec.providers[{p_index}].apiKey: set secretKeyRef, or env and/or file")
+    variables: dict[str, str] = {}
+    for p_index, provider in enumerate(spec.providers):
+        variable = key_env_var(provider.name)
+        if variable in variables and variables[variable] != provider.name:
+            errors.append(
+                f'spec.providers[{p_index}].name: "{provider.name}" and "{variables[variable]}" would share '
+                f"the key variable {variable}; rename one"
+            )
+        variables.setdefault(variable, provider.name)
     if spec.default_route is not None and spec.route(spec.default_route) is None:
         errors.append(f'spec.defaultRoute: unknown route "{spec.default_route}"')
     for r_index, route in enumerate(spec.routes):

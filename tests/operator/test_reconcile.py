@@ -54,6 +54,18 @@ def test_configmap_of_an_invalid_policy_is_refused_with_the_field_path() -> None
     assert 'spec.routes[0].targets[0].provider: unknown provider "nope"' in caught.value.problems
 
 
+@pytest.mark.parametrize("api_key", [{"env": "HOME"}, {"file": "/var/run/secrets/kubernetes.io/serviceaccount/token"}])
+def test_a_cluster_policy_takes_its_keys_from_secrets_only(api_key: dict[str, str]) -> None:
+    """Whoever edits a policy must not be able to send the sidecar's environment or files to a baseURL."""
+    body = policy_body()
+    body["spec"]["providers"][0]["apiKey"] = api_key
+    with pytest.raises(PolicyError) as caught:
+        build_configmap(body)
+    assert caught.value.problems == [
+        "spec.providers[0].apiKey: in a cluster keys come from secretKeyRef (env and file are for standalone sidecars)"
+    ]
+
+
 def test_equal_policies_render_byte_identical_configmaps() -> None:
     assert build_configmap(policy_body()) == build_configmap(policy_body())
 

@@ -51,3 +51,25 @@ def test_an_explicit_attempt_timeout_is_the_policy_authors_choice() -> None:
     route = load_policy(manifest({"attemptTimeout": "5s"})).spec.routes[0]
     assert route.first_byte_timeout(stream=False, max_tokens=4096) == 5.0
     assert route.first_byte_timeout(stream=True) == 5.0
+
+
+@pytest.mark.parametrize(("name", "key"), [("llm_keys", "anthropic"), ("LLM-Keys", "anthropic"), ("llm-keys", "a/b")])
+def test_secret_references_the_pod_api_would_refuse_are_refused_here(name: str, key: str) -> None:
+    """An invalid `secretKeyRef` would make every injected pod invalid: refuse the policy instead."""
+    document = manifest()
+    document["spec"]["providers"][0]["apiKey"] = {"secretKeyRef": {"name": name, "key": key}}
+    with pytest.raises(PolicyError) as caught:
+        load_policy(document)
+    assert any(p.startswith("spec.providers[0].apiKey.secretKeyRef.") for p in caught.value.problems)
+
+
+def test_provider_names_that_would_share_a_key_variable_are_refused() -> None:
+    document = manifest()
+    document["spec"]["providers"] = [{"name": "claude-x", "type": "anthropic"}, {"name": "claude.x", "type": "openai"}]
+    document["spec"]["routes"][0]["targets"] = [{"name": "primary", "provider": "claude-x"}]
+    with pytest.raises(PolicyError) as caught:
+        load_policy(document)
+    assert caught.value.problems == [
+        'spec.providers[1].name: "claude.x" and "claude-x" would share the key variable LLMROUTE_KEY_CLAUDE_X; '
+        "rename one"
+    ]

@@ -21,9 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 import kopf
 
 from llmroute_sidecar.policy import PolicyError
+from llmroute_sidecar.statuspolling import RelayUnavailable
+from llmroute_sidecar.statusrelay import RelayClient
 
 from . import GROUP, PLURAL, VERSION
 from .kubeapi import KubeApi, KubeApiError
@@ -39,6 +42,7 @@ from .reconcile import (
     load_cluster_policy,
     missing_secrets,
     referenced_secrets,
+    shedding_providers,
 )
 from .settings import Settings, SettingsError
 
@@ -63,6 +67,9 @@ class OperatorMemo:
     """Explicit API server and credentials; None: in-cluster service account, else kubeconfig."""
     kube: KubeApi | None = None
     """The operator's own API client, opened at start-up."""
+    relay: RelayClient | None = None
+    """The status relay's reader (when `LLMROUTE_STATUS_RELAY` is set), for the Shedding column."""
+    relay_session: aiohttp.ClientSession | None = None
 
     def api(self) -> KubeApi:
         if self.kube is None:
@@ -89,6 +96,9 @@ async def start(*, memo: OperatorMemo, settings: kopf.OperatorSettings, **_: Any
     settings.posting.level = logging.WARNING  # Events for problems, not for every log line
     settings.watching.server_timeout = 300
     memo.kube = await KubeApi.connect(memo.connection)
+    if memo.settings.status_relay:
+        memo.relay_session = aiohttp.ClientSession()
+        memo.relay = RelayClient(memo.relay_session, memo.settings.status_relay)
 
 
 @kopf.on.cleanup(registry=registry)
@@ -96,6 +106,9 @@ async def stop(*, memo: OperatorMemo, **_: Any) -> None:
     if memo.kube is not None:
         await memo.kube.close()
         memo.kube = None
+    if memo.relay_session is not None:
+        await memo.relay_session.close()
+        memo.relay, memo.relay_session = None, None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
@@ -117,6 +130,25 @@ async def recheck_secrets(
 ) -> None:
     """A policy whose Secret is missing is reconciled again until the Secret shows up."""
     await _reconcile(body, patch, memo.api(), logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.shedding_refresh_interval, registry=registry)
+async def refresh_shedding(
+    *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
+) -> None:
+    """`status.sheddingProviders` from the relay's latest readings (one relay request serves every
+    policy of the interval). No relay, an invalid policy or an unreachable relay: left as it is."""
+    if memo.relay is None:
+        return
+    try:
+        policy = load_cluster_policy({key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")})
+        pages = await memo.relay.fetch(max_age=SETTINGS.shedding_refresh_interval / 2)  # the timer's own
+    except (PolicyError, RelayUnavailable) as exc:
+        logger.debug("shedding providers not refreshed: %s", exc)
+        return
+    shedding = shedding_providers(policy, pages)
+    if shedding != list((body.get("status") or {}).get("sheddingProviders") or []):
+        patch.status["sheddingProviders"] = shedding or None  # none: the field (and the column) goes away
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmroute_sidecar.policy import SANE_BUDGET, LoadedPolicy, PolicyError, load_policy, render_sidecar_config
+from llmroute_sidecar.statuspages import page_key
+from llmroute_sidecar.statuspolling import RelayEntry
 
 from . import CONFIG_HASH_ANNOTATION, POLICY_ANNOTATION
 
@@ -59,6 +61,19 @@ def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
     if problems:
         raise PolicyError(problems)
     return policy
+
+
+def shedding_providers(policy: LoadedPolicy, pages: Mapping[str, RelayEntry]) -> list[str]:
+    """The providers whose status page, as the relay last read it, is in a state their policy sheds on
+    (the `Shedding` printer column). Raw readings: each sidecar still applies `confirmAfter` itself."""
+    shedding = []
+    for provider in policy.spec.providers:
+        page = provider.status_page
+        entry = pages.get(page_key(page)) if page is not None else None
+        reading = entry.reading if entry is not None else None
+        if page is not None and reading is not None and reading.usable and reading.state in page.shed_on:
+            shedding.append(provider.name)
+    return shedding
 
 
 def build_configmap(policy_body: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,10 @@ class Settings:
     """`LLMROUTE_SECRET_RECHECK_INTERVAL` (seconds): how often a policy whose Secrets are missing is
     checked again, so the MissingSecret condition clears soon after the Secret appears."""
 
+    shedding_refresh_interval: float = 30.0
+    """`LLMROUTE_SHEDDING_REFRESH_INTERVAL` (seconds): how often each policy's `status.sheddingProviders`
+    is refreshed from the status relay (`LLMROUTE_STATUS_RELAY`)."""
+
     webhook_port: int = 8443
     """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""
 
@@ -125,6 +129,7 @@ class Settings:
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
         number("LLMROUTE_RELAY_PORT", "relay_port", int)
         number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
+        number("LLMROUTE_SHEDDING_REFRESH_INTERVAL", "shedding_refresh_interval", float)
         number("LLMROUTE_POLICY_CACHE_TTL", "policy_cache_ttl", float)
         number("LLMROUTE_RELAY_REFRESH_INTERVAL", "relay_refresh_interval", float)
         number("LLMROUTE_SIDECAR_USER", "sidecar_user", int)

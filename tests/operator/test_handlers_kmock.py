@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -16,10 +17,13 @@ from typing import Any
 
 import kopf
 import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from llmroute_operator import handlers
 from llmroute_operator.settings import Settings
 from llmroute_sidecar.policy import load_policy, render_sidecar_config
+from llmroute_sidecar.statuspages import Reading, page_key
 
 from .conftest import (
     CONFIGMAPS,
@@ -57,9 +61,9 @@ def events(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(kube: KubeEmulator) -> AsyncIterator[None]:
+async def running_operator(kube: KubeEmulator, settings: Settings | None = None) -> AsyncIterator[None]:
     """kopf running the reconciler's registry against `kube`, stopped (and awaited) on exit."""
-    settings = Settings()
+    settings = settings or Settings()
     memo = handlers.OperatorMemo(settings=settings, connection=kopf.ConnectionInfo(server=str(kube.url).rstrip("/")))
     options = {**handlers.operator_options(settings), "liveness_endpoint": None}
     stop, ready = threading.Event(), threading.Event()
@@ -255,3 +259,37 @@ async def test_a_foreign_configmap_of_the_same_name_is_not_overwritten(kube: Kub
     assert (ready["status"], ready["reason"]) == ("False", "ConfigMapConflict")
     assert stored(kube, CONFIGMAPS, "support-bot-llmroute")["data"] == {"a": "b"}  # type: ignore[index]
     await eventually(lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "ConfigMapConflict"])
+
+
+async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) -> None:
+    """`status.sheddingProviders` (the Shedding printer column) is what the relay last read, per policy."""
+    page = {"type": "statuspage", "url": "https://status.claude.com/api/v2/summary.json", "components": ["api"]}
+    spec = copy.deepcopy(policy_body()["spec"])
+    spec["providers"][0]["statusPage"] = page
+    state = {"now": "major_outage"}
+
+    async def relay(request: web.Request) -> web.Response:
+        reading = Reading(state=state["now"], level=3 if state["now"] == "major_outage" else 0, usable=True)
+        entry = {**reading.to_json(), "type": page["type"], "url": page["url"], "watched": page["components"],
+                 "seq": 1, "epoch": "e1", "polledAt": None, "age": 1.0}
+        key = page_key(load_policy(policy_body(spec=spec)).spec.providers[0].status_page)  # type: ignore[arg-type]
+        return web.json_response({"relay": {"pages": 1}, "pages": {key: entry}})
+
+    app = web.Application()
+    app.router.add_get("/v1/statuspages", relay)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = Settings(status_relay=str(server.make_url("")).rstrip("/"))
+        async with running_operator(kube, settings):
+            await apply(kube, SECRET_URL, secret_body())
+            await apply(kube, POLICY_URL, policy_body(spec=spec))
+
+            def shedding() -> list[str] | None:
+                return ((stored(kube, POLICIES, "support-bot") or {}).get("status") or {}).get("sheddingProviders")
+
+            await eventually(lambda: shedding() == ["claude"], what="claude shown as shedding")
+            state["now"] = "operational"
+            await eventually(lambda: shedding() is None, what="the column cleared")
+    finally:
+        await server.close()

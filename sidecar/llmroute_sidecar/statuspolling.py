@@ -181,7 +181,13 @@ class StatusPagePoller:
         self._last_modified: str | None = None
         self._validated: Reading | None = None
         self._hint: float | None = None
-        self._relay_mark: tuple[str, int] | None = None
+        self._relay_seen: dict[str, int] = {}
+        """Relay poller epoch -> the last seq read from it. The relay Service balances over several
+        replicas, each with its own poller (epoch): every poll of each counts once, whichever replica
+        answers and however often."""
+        self._relay_polled_at: float | None = None
+        """Wall time of the newest relay reading applied: an older one (another replica's, read later)
+        never replaces it."""
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -289,10 +295,16 @@ class StatusPagePoller:
         if entry.age is not None and entry.age > limit:
             self.relay_error = f"the relay's reading is {entry.age:.0f}s old"
             return False
-        mark = (entry.epoch, entry.seq)
-        if self._relay_mark is not None and mark[0] == self._relay_mark[0] and mark[1] <= self._relay_mark[1]:
-            return True
-        self._relay_mark = mark
+        if entry.seq <= self._relay_seen.get(entry.epoch, 0):
+            return True  # this poll was applied already
+        if len(self._relay_seen) >= 8 and entry.epoch not in self._relay_seen:
+            self._relay_seen.pop(next(iter(self._relay_seen)))  # replicas come and go: keep the recent ones
+        self._relay_seen[entry.epoch] = entry.seq
+        if entry.polled_at is not None and self._relay_polled_at is not None:
+            if entry.polled_at < self._relay_polled_at:
+                return True  # older than what we have (another replica polled earlier)
+        if entry.polled_at is not None:
+            self._relay_polled_at = entry.polled_at
         self._complete(entry.reading, entry.polled_at)
         return True
 

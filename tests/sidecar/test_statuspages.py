@@ -7,6 +7,7 @@ intervals are tens of milliseconds and every wait is bounded on a condition.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -830,6 +831,43 @@ async def test_sidecar_counts_each_relay_poll_once(
     await relay.poll_now()
     await eventually(lambda: sidecar.shed_share("claude") == (1.0, "major_outage"))
     assert page.requests == 3 and poller.requests == 0
+
+
+async def test_two_relay_replicas_behind_one_service_count_each_poll_once(
+    host: FakeStatusHost, make_board: Callable[..., StatusBoard], relay_server: Callable[..., Any]
+) -> None:
+    """The relay runs as 2 replicas behind a Service: a sidecar reads either, alternately. Each replica's
+    poll counts once towards `confirmAfter`, however often the sidecar switches between them."""
+    url, _ = host.page(body=summary("major_outage"))
+    replicas = [make_board(), make_board()]  # polled by hand
+    for replica in replicas:
+        replica.configure([provider("claude", url, interval="1h")])
+    backends = [await relay_server(replica) for replica in replicas]
+    turn = itertools.count()
+
+    async def balance(request: web.Request) -> web.Response:
+        backend = backends[next(turn) % 2]
+        async with aiohttp.ClientSession() as session, session.get(backend.make_url(RELAY_PATH)) as response:
+            return web.Response(body=await response.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get(RELAY_PATH, balance)
+    service = TestServer(app)
+    await service.start_server()
+    try:
+        sidecar = make_board(relay_url=str(service.make_url("/")), autostart=True)
+        sidecar.configure([provider("claude", url, interval="20ms", confirm=3)])
+        consecutive = lambda: sidecar.snapshot()["claude"]["consecutive"]["shedding"]  # noqa: E731
+        await replicas[0].poll_now()
+        await eventually(lambda: consecutive() == 1)
+        await replicas[1].poll_now()
+        await eventually(lambda: consecutive() == 2)
+        await asyncio.sleep(0.3)  # a dozen reads, alternating between the replicas: no new poll
+        assert consecutive() == 2 and sidecar.shed_share("claude")[0] == 0.0
+        await replicas[0].poll_now()
+        await eventually(lambda: sidecar.shed_share("claude") == (1.0, "major_outage"))
+    finally:
+        await service.close()
 
 
 async def test_sidecar_polls_directly_while_the_relay_is_down_and_returns_to_it(

@@ -300,10 +300,9 @@ class StatusPagePoller:
         if len(self._relay_seen) >= 8 and entry.epoch not in self._relay_seen:
             self._relay_seen.pop(next(iter(self._relay_seen)))  # replicas come and go: keep the recent ones
         self._relay_seen[entry.epoch] = entry.seq
-        if entry.polled_at is not None and self._relay_polled_at is not None:
-            if entry.polled_at < self._relay_polled_at:
-                return True  # older than what we have (another replica polled earlier)
         if entry.polled_at is not None:
+            if self._relay_polled_at is not None and entry.polled_at < self._relay_polled_at:
+                return True  # older than what we have (another replica polled earlier)
             self._relay_polled_at = entry.polled_at
         self._complete(entry.reading, entry.polled_at)
         return True

@@ -13,10 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/llmroute
 WORKDIR /src
-# Metadata first so dependency layers are cached across source-only changes.
+# Everything pyproject.toml builds the wheel from: the two packages, the README (the package's long
+# description) and the example scenarios and demo policy that `llmroute demo` ships with (force-include).
+# tests/charts/test_image.py builds the wheel from exactly what these lines and .dockerignore let in.
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 COPY operator/ operator/
+COPY examples/scenarios/ examples/scenarios/
+COPY examples/demo-policy.yaml examples/
 RUN /opt/llmroute/bin/pip install . \
     && /opt/llmroute/bin/python -m compileall -q /opt/llmroute/lib \
     && /opt/llmroute/bin/llmroute --help > /dev/null

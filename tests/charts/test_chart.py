@@ -30,7 +30,18 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "llmroute"
 RELEASE, NAMESPACE = "llmroute", "llmroute-system"
 KUBERNETES_VERSION = "1.33"
-NOT_IN_KUBERNETES = {"Issuer", "Certificate"}  # cert-manager's kinds: no offline schema
+NOT_IN_KUBERNETES = {
+    "Issuer": "cert-manager.io/v1",
+    "Certificate": "cert-manager.io/v1",
+    "ClusterKopfPeering": "kopf.dev/v1",
+}
+CLUSTER_SCOPED = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "MutatingWebhookConfiguration",
+    "ClusterKopfPeering",
+}
 VARIANTS: dict[str, tuple[str, ...]] = {
     "defaults": (),
     "cert-manager": ("--set", "certManager.enabled=true"),
@@ -45,6 +56,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "no-crds": ("--set", "crds.enabled=false"),
     "fail-closed": ("--set", "webhook.failurePolicy=Fail"),
     "selected-namespaces": ("--set", "webhook.namespaceSelector.matchLabels.llmroute\\.dev/injection=enabled"),
+    "operator-peering": ("--set", "operator.replicas=3"),
+    "single-webhook": ("--set", "webhook.replicas=1"),
 }
 Manifest = dict[str, Any]
 
@@ -105,16 +118,12 @@ def test_every_rendered_manifest_is_valid_kubernetes(variant: str) -> None:
     manifests = render(*VARIANTS[variant])
     for manifest in manifests:
         if manifest["kind"] in NOT_IN_KUBERNETES:
-            assert manifest["apiVersion"] == "cert-manager.io/v1"
+            assert manifest["apiVersion"] == NOT_IN_KUBERNETES[manifest["kind"]]
             continue
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
-    namespaced = [
-        m
-        for m in manifests
-        if m["kind"]
-        not in {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "MutatingWebhookConfiguration"}
-    ]
+    namespaced = [m for m in manifests if m["kind"] not in CLUSTER_SCOPED]
     assert all(m["metadata"]["namespace"] == NAMESPACE for m in namespaced)
+    assert all("namespace" not in m["metadata"] for m in manifests if m["kind"] in CLUSTER_SCOPED)
 
 
 def test_every_resource_carries_the_standard_labels() -> None:
@@ -133,7 +142,8 @@ def test_chart_installs_the_generated_crd_and_keeps_it_on_uninstall() -> None:
     assert rendered["metadata"]["name"] == generated["metadata"]["name"]
     assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert not [m for m in render("--set", "crds.enabled=false") if m["kind"] == "CustomResourceDefinition"]
-    assert not (CHART / "crds").exists(), "a crds/ folder cannot be switched off by crds.enabled"
+    # crds/ cannot be switched off by crds.enabled: it holds only kopf's shared peering CRD, never llmroute's.
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["clusterkopfpeerings.kopf.dev.yaml"]
 
 
 def test_selectors_match_exactly_their_own_pods() -> None:
@@ -151,6 +161,48 @@ def test_selectors_match_exactly_their_own_pods() -> None:
     budget = only(manifests, "PodDisruptionBudget")
     assert [n for n, labels in pods.items() if selects(budget["spec"]["selector"], labels)] == ["llmroute-webhook"]
     assert budget["spec"]["minAvailable"] == 1
+
+
+@pytest.mark.parametrize(("replicas", "min_available"), [(2, 1), (3, 2), (3, "50%"), (5, 1)])
+def test_webhook_budget_always_leaves_a_pod_to_evict(replicas: int, min_available: int | str) -> None:
+    manifests = render(
+        "--set", f"webhook.replicas={replicas}", "--set-string" if isinstance(min_available, str) else "--set",
+        f"webhook.podDisruptionBudget.minAvailable={min_available}",
+    )  # fmt: skip
+    assert only(manifests, "Deployment", "-webhook")["spec"]["replicas"] == replicas
+    budget = only(manifests, "PodDisruptionBudget")["spec"]
+    assert budget == {"minAvailable": min_available, "selector": budget["selector"]}
+    allowed = (
+        replicas - budget["minAvailable"]
+        if isinstance(min_available, int)
+        else replicas - -(-replicas * int(min_available.rstrip("%")) // 100)  # Kubernetes rounds minAvailable up
+    )
+    assert allowed >= 1, "a node drain could never evict a webhook pod"
+
+
+def test_a_single_webhook_replica_gets_no_budget_that_would_block_drains() -> None:
+    manifests = render(*VARIANTS["single-webhook"])
+    assert only(manifests, "Deployment", "-webhook")["spec"]["replicas"] == 1
+    assert not [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    assert not [
+        m for m in render("--set", "webhook.podDisruptionBudget.enabled=false") if m["kind"] == "PodDisruptionBudget"
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("--set", "webhook.replicas=2", "--set", "webhook.podDisruptionBudget.minAvailable=2"),
+        ("--set", "webhook.replicas=3", "--set", "webhook.podDisruptionBudget.minAvailable=5"),
+        ("--set", "webhook.podDisruptionBudget.minAvailable=100%"),
+        ("--set", "webhook.podDisruptionBudget.minAvailable=0"),
+    ],
+    ids=["min-equals-replicas", "min-above-replicas", "hundred-percent", "zero"],
+)
+def test_a_budget_that_blocks_drains_or_protects_nothing_is_refused(values: tuple[str, ...]) -> None:
+    result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *values)
+    assert result.returncode != 0
+    assert "minAvailable" in result.stderr, result.stderr
 
 
 def test_webhook_reaches_the_server_through_service_and_ports() -> None:
@@ -345,17 +397,18 @@ def test_rbac_is_least_privilege() -> None:
                 for resource in rule["resources"]:
                     assert "*" not in (group, resource) and "*" not in rule["verbs"], name
                     granted[name].setdefault((group, resource), set()).update(rule["verbs"])
-    operator = granted["llmroute-operator"]
-    assert operator[("llmroute.dev", "llmroutepolicies")] == {"get", "list", "watch", "patch"}
-    assert operator[("llmroute.dev", "llmroutepolicies/status")] <= {"get", "patch"}
-    assert operator[("", "configmaps")] == {"get", "list", "watch", "create", "patch", "update"}
-    assert operator[("", "secrets")] == {"get", "list", "watch"}
-    assert operator[("", "events")] == {"create", "patch"}
-    assert not any(
-        verb in {"delete", "deletecollection", "escalate", "bind", "impersonate"}
-        for verbs in operator.values()
-        for verb in verbs
-    )
+    # Exactly what the code calls, nothing more: kopf lists, watches and merge-patches the policies and
+    # their status and creates core/v1 Events; kubeapi.py gets, creates and merge-patches ConfigMaps and
+    # only gets Secrets (never list/watch: the operator must not be able to read every Secret).
+    assert granted["llmroute-operator"] == {
+        ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
+        ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
+        ("", "configmaps"): {"get", "create", "patch"},
+        ("", "secrets"): {"get"},
+        ("", "events"): {"create"},
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    }
+    assert all("resourceNames" not in rule for rule in roles["llmroute-operator"])
     assert granted["llmroute-webhook"] == {("llmroute.dev", "llmroutepolicies"): {"get", "list"}}
     bindings = {m["roleRef"]["name"]: m["subjects"] for m in manifests if m["kind"] == "ClusterRoleBinding"}
     accounts = {m["metadata"]["name"] for m in manifests if m["kind"] == "ServiceAccount"}
@@ -363,6 +416,128 @@ def test_rbac_is_least_privilege() -> None:
         assert role in roles
         assert [(s["kind"], s["namespace"]) for s in subjects] == [("ServiceAccount", NAMESPACE)]
         assert subjects[0]["name"] in accounts
+
+
+KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolicies (kopf docs: "Deployment")
+    ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},  # watch-stream; finalizer, annotations
+    ("llmroute.dev", "llmroutepolicies/status"): {"patch"},  # status subresource
+    ("", "events"): {"create"},  # kopf.event/kopf.warn post core/v1 Events
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
+}
+CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update"}
+CLIENT_RESOURCES = {"config_map": ("", "configmaps"), "secret": ("", "secrets")}
+
+
+def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
+    """(group, resource) -> verbs that the named operator modules call through KubeApi (kubeapi.py)."""
+    import ast
+
+    from llmroute_operator import GROUP, PLURAL
+
+    source = ROOT / "operator" / "llmroute_operator"
+    calls: dict[str, set[tuple[tuple[str, str], str]]] = {}
+    [api] = [n for n in ast.walk(ast.parse((source / "kubeapi.py").read_text())) if getattr(n, "name", "") == "KubeApi"]
+    for method in [n for n in ast.walk(api) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]:
+        calls[method.name] = set()
+        for node in ast.walk(method):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+                if node.value.attr not in ("_core", "_custom"):
+                    continue
+                match = re.fullmatch(r"([a-z]+)_(?:namespaced_|cluster_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
+                assert match and match.group(1) in CLIENT_VERBS, node.attr
+                resource = (GROUP, PLURAL) if match.group(2) == "custom_object" else CLIENT_RESOURCES[match.group(2)]
+                calls[method.name].add((resource, CLIENT_VERBS[match.group(1)]))
+    grants: dict[tuple[str, str], set[str]] = {}
+    for module in modules:
+        for node in ast.walk(ast.parse((source / module).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
+                for resource, verb in calls[node.func.attr]:
+                    grants.setdefault(resource, set()).add(verb)
+    return grants
+
+
+def test_rbac_is_exactly_what_the_code_calls() -> None:
+    """The operator's grants are kopf's needs plus the KubeApi calls its handlers make; the webhook's are
+    the KubeApi calls the admission server and relay make. A new call fails here until RBAC has it, and
+    a grant no code uses fails here too."""
+    roles = {m["metadata"]["name"]: m["rules"] for m in render() if m["kind"] == "ClusterRole"}
+
+    def granted(role: str) -> dict[tuple[str, str], set[str]]:
+        found: dict[tuple[str, str], set[str]] = {}
+        for rule in roles[role]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    found.setdefault((group, resource), set()).update(rule["verbs"])
+        return found
+
+    operator = {key: set(verbs) for key, verbs in KOPF_NEEDS.items()}
+    for key, verbs in _code_grants("handlers.py", "reconcile.py").items():
+        operator.setdefault(key, set()).update(verbs)
+    assert granted("llmroute-operator") == operator
+    assert granted("llmroute-webhook") == _code_grants("webhooks.py")
+
+
+def test_one_operator_replica_runs_standalone_and_is_recreated() -> None:
+    from llmroute_operator.handlers import operator_options
+    from llmroute_operator.settings import Settings
+
+    manifests = render()
+    operator = only(manifests, "Deployment", "-operator")
+    assert operator["spec"]["replicas"] == 1 and operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert "LLMROUTE_PEERING" not in env(operator)
+    assert operator_options(Settings.from_env(env(operator)))["standalone"] is True
+    assert not [m for m in manifests if m["apiVersion"].startswith("kopf.dev/")]
+
+
+def test_operator_replicas_peer_through_kopfs_cluster_peering() -> None:
+    """Several reconcilers: the operator is started with a peering name, the ClusterKopfPeering of that
+    name exists (its CRD is kopf's own, from the chart's crds/), and RBAC lets kopf see peers and
+    keep itself alive there, and nothing more."""
+    from kopf._cogs.structs import references  # kopf's own names for its peering resources
+
+    from llmroute_operator.handlers import operator_options
+    from llmroute_operator.settings import Settings
+
+    manifests = render(*VARIANTS["operator-peering"])
+    operator = only(manifests, "Deployment", "-operator")
+    assert operator["spec"]["replicas"] == 3
+    assert operator["spec"]["strategy"]["type"] == "RollingUpdate"  # peers pause instead of overlapping
+    peering = only(manifests, "ClusterKopfPeering")
+    name = peering["metadata"]["name"]
+    assert name == RELEASE and "namespace" not in peering["metadata"]
+    options = operator_options(Settings.from_env(env(operator)))
+    assert (options["standalone"], options["peering_name"], options["clusterwide"]) == (False, name, True)
+
+    crd = yaml.safe_load((CHART / "crds" / "clusterkopfpeerings.kopf.dev.yaml").read_text(encoding="utf-8"))
+    kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+    [version] = crd["spec"]["versions"]
+    names = crd["spec"]["names"]
+    served = references.Resource(
+        group=crd["spec"]["group"], version=version["name"], plural=names["plural"], kind=names["kind"],
+        singular=names["singular"], namespaced=False, verbs=frozenset({"list", "watch", "patch"}),
+    )  # fmt: skip
+    assert references.CLUSTER_PEERINGS_K.check(served)  # the resource kopf looks for in cluster-wide peering
+    assert peering["apiVersion"] == f"{served.group}/{served.version}"
+    assert crd["spec"]["scope"] == "Cluster" and names["kind"] == peering["kind"]
+
+    [role] = [m for m in manifests if m["kind"] == "ClusterRole" and m["metadata"]["name"] == "llmroute-operator"]
+    peering_rules = [r for r in role["rules"] if r["apiGroups"] == ["kopf.dev"]]
+    assert peering_rules == [
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "resourceNames": [name], "verbs": ["patch"]},
+    ]
+    assert [r for r in role["rules"] if r["apiGroups"] != ["kopf.dev"]] == only(render(), "ClusterRole", "-operator")[
+        "rules"
+    ]
+
+
+def test_operator_peering_refuses_a_namespaced_operator() -> None:
+    result = helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "--set", "operator.replicas=2", "--set", "operator.extraArgs={--namespace,my-app}",
+    )  # fmt: skip
+    assert result.returncode != 0 and "ClusterKopfPeering" in result.stderr, result.stderr
+    assert render("--set", "operator.extraArgs={--namespace,my-app}")  # one replica: fine
 
 
 @pytest.mark.parametrize(
@@ -398,6 +573,9 @@ def test_values_schema_closes_every_object_and_accepts_the_defaults() -> None:
                 closed(child, f"{path}/{index}")
 
     closed(schema, "#")
+    for bad in ({"operator": {"replicas": 0}}, {"webhook": {"replicas": 0}}, {"operator": {"replicas": "2"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
 
 
 def test_every_value_has_a_comment() -> None:
@@ -446,3 +624,23 @@ def test_the_operator_reads_the_environment_the_chart_sets() -> None:
     assert Settings.from_env(env(only(manifests, "Deployment", "-operator"))).health_port == 8081
     [hook] = only(manifests, "MutatingWebhookConfiguration")["webhooks"]
     assert hook["clientConfig"]["service"]["path"] == MUTATE_PATH
+
+
+def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
+    """One way to install (the chart owns the CRD), one way to ask for the sidecar (on the pod template)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    kubernetes = readme.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    notes = (CHART / "templates" / "NOTES.txt").read_text(encoding="utf-8")
+    script = (ROOT / "tests" / "e2e" / "kind.sh").read_text(encoding="utf-8")
+    patch = """'{"spec":{"template":{"metadata":{"annotations":{"llmroute.dev/policy":"support-bot"}}}}}'"""
+    for name, text in {"README": kubernetes, "NOTES.txt": notes, "kind.sh": script}.items():
+        assert re.search(r"patch deployment my-app --type merge -p \\\s+" + re.escape(patch), text), name
+        assert "kubectl annotate deployment" not in text, name  # would annotate the Deployment, not its pods
+    # The chart installs the CRD (crds.enabled=true): applying crds/ first makes Helm refuse to adopt it.
+    [steps] = re.findall(r"```bash\n(.*?)```", kubernetes, re.DOTALL)
+    for name, text in {"README": steps, "kind.sh": script}.items():
+        commands = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+        assert any(c.startswith(("helm install", "helm upgrade --install")) for c in commands), name
+        assert not [c for c in commands if "apply -f crds" in c], name
+    assert "crds.enabled=false" not in script
+    assert "examples/deployment.yaml" not in script  # its image is illustrative, not pullable

@@ -80,6 +80,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-relay" (include "llmroute.fullname" .) }}
 {{- end }}
 
+{{/*
+The kopf peering name the reconciler replicas share (a ClusterKopfPeering): empty for one replica, which
+runs standalone. Several replicas of a cluster-wide operator need peering so only one of them acts.
+*/}}
+{{- define "llmroute.peering" -}}
+{{- if gt (int .Values.operator.replicas) 1 }}
+{{- include "llmroute.fullname" . }}
+{{- end }}
+{{- end }}
+
 {{- define "llmroute.tlsSecret" -}}
 {{- printf "%s-webhook-tls" (include "llmroute.fullname" .) }}
 {{- end }}

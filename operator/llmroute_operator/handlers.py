@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import datetime
 import logging
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,6 +96,9 @@ async def start(*, memo: OperatorMemo, settings: kopf.OperatorSettings, **_: Any
     )
     settings.posting.level = logging.WARNING  # Events for problems, not for every log line
     settings.watching.server_timeout = 300
+    # Replicas peering under one name: kopf pauses every replica that sees a peer of the same or a higher
+    # priority, so equal priorities would pause them all. A random one per replica lets exactly one serve.
+    settings.peering.priority = random.randint(1, 1_000_000)
     memo.kube = await KubeApi.connect(memo.connection)
     if memo.settings.status_relay:
         memo.relay_session = aiohttp.ClientSession()

@@ -14,7 +14,10 @@ nothing here talks to the network, so every rule is tested on plain dicts:
   and the pod still starts;
 - app containers get the sidecar's URLs and placeholder SDK keys, each only where they do not set
   the variable themselves;
-- `llmroute.dev/injected: <policy>@<configHash>` marks the pod, so re-admission changes nothing.
+- `llmroute.dev/injected: <policy>@<configHash>` marks the pod, so re-admission changes nothing;
+- a pod that already uses one of the sidecar's names (`RESERVED_VOLUMES`, the `llmroute` container)
+  is not injected at all (`injection_conflicts`): replacing its volume would hand the API keys to
+  whichever app container mounts that name.
 
 The sidecar listens on loopback only (it spends the keys; no other pod may reach it), so its probes
 are exec probes making the HTTP GET from inside the pod: a kubelet `httpGet` goes to the pod IP.
@@ -36,6 +39,7 @@ SIDECAR_NAME = "llmroute"
 POLICY_VOLUME = "llmroute-policy"
 TMP_VOLUME = "llmroute-tmp"
 KEYS_VOLUME = "llmroute-keys"
+RESERVED_VOLUMES = (POLICY_VOLUME, TMP_VOLUME, KEYS_VOLUME)
 PLACEHOLDER_KEY = "llmroute-sidecar-holds-the-key"
 SIDECAR_URL = f"http://127.0.0.1:{SIDECAR_PORT}"
 
@@ -66,6 +70,32 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     init_containers = (pod.get("spec") or {}).get("initContainers") or []
     return INJECTED_ANNOTATION in annotations or any(c.get("name") == SIDECAR_NAME for c in init_containers)
+
+
+class InjectionConflict(ValueError):
+    """The pod already uses a name the sidecar needs; the message lists which."""
+
+
+def injection_conflicts(pod: Mapping[str, Any]) -> list[str]:
+    """Why the sidecar cannot be added to this (not yet injected) pod: names it already uses.
+
+    A container mount of a reserved volume name counts even when the pod declares no such volume:
+    the API server validates after mutation, so our volume would satisfy that mount.
+    """
+    spec = pod.get("spec") or {}
+    problems = [
+        f'the pod already has a volume named "{volume.get("name")}"'
+        for volume in spec.get("volumes") or []
+        if volume.get("name") in RESERVED_VOLUMES
+    ]
+    for field in ("initContainers", "containers", "ephemeralContainers"):
+        for container in spec.get(field) or []:
+            if field == "containers" and container.get("name") == SIDECAR_NAME:
+                problems.append(f'the pod already has a container named "{SIDECAR_NAME}"')
+            for mount in (container.get("volumeMounts") or []) + (container.get("volumeDevices") or []):
+                if mount.get("name") in RESERVED_VOLUMES:
+                    problems.append(f'container "{container.get("name")}" mounts a volume named "{mount.get("name")}"')
+    return list(dict.fromkeys(problems))
 
 
 def _probe(path: str, *, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
@@ -137,19 +167,22 @@ def _key_sources(policy: LoadedPolicy) -> list[dict[str, Any]]:
 
 
 def inject(pod: Mapping[str, Any], policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
-    """The pod with the sidecar of `policy` injected; an injected or opted-out pod comes back equal."""
+    """The pod with the sidecar of `policy` injected; an injected or opted-out pod comes back equal.
+
+    Raises `InjectionConflict` when the pod uses one of the sidecar's names (`injection_conflicts`).
+    """
     result = copy.deepcopy(dict(pod))
     if is_injected(pod) or requested_policy(pod) is None:
         return result
+    if problems := injection_conflicts(pod):
+        raise InjectionConflict("; ".join(problems))
     metadata = result.setdefault("metadata", {})
     annotations = metadata.get("annotations") or {}
     metadata["annotations"] = {**annotations, INJECTED_ANNOTATION: f"{policy.name}@{policy.config_hash}"}
     spec = result.setdefault("spec", {})
     spec["initContainers"] = [sidecar_container(policy, settings), *(spec.get("initContainers") or [])]
-    ours = (POLICY_VOLUME, TMP_VOLUME, KEYS_VOLUME)
-    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in ours]
     spec["volumes"] = [
-        *volumes,
+        *(spec.get("volumes") or []),
         {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(policy.name)}},
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]

@@ -12,9 +12,11 @@ which the reconciler also hands to kopf so both talk to the same server.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import aiohttp
 import kopf
 from kubernetes.aio import client as kube
 from kubernetes.aio import config as kube_config
@@ -23,11 +25,23 @@ from . import GROUP, PLURAL, VERSION
 
 
 class KubeApiError(RuntimeError):
-    """An API call failed for a reason other than "not found"; `status` is the HTTP status."""
+    """An API call failed for a reason other than "not found"; `status` is the HTTP status, 0 when
+    there was no answer (timeout, connection refused or reset)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"Kubernetes API answered {status}: {message}")
+        super().__init__(f"Kubernetes API answered {status}: {message}" if status else f"Kubernetes API: {message}")
         self.status = status
+
+
+@contextlib.contextmanager
+def _transport_errors() -> Iterator[None]:
+    """Timeouts and connection failures as `KubeApiError`, so callers handle one error type."""
+    try:
+        yield
+    except TimeoutError:  # asyncio's and aiohttp's timeouts are this builtin
+        raise KubeApiError(0, "no answer in time") from None
+    except aiohttp.ClientError as exc:
+        raise KubeApiError(0, f"{type(exc).__name__}: {exc}") from None
 
 
 def configuration_from(connection: kopf.ConnectionInfo) -> kube.Configuration:
@@ -62,18 +76,33 @@ async def load_configuration() -> kube.Configuration:
 
 
 class KubeApi:
-    """ConfigMaps, Secrets (existence and key names only) and LLMRoutePolicies, as plain dicts."""
+    """ConfigMaps, Secrets (existence and key names only) and LLMRoutePolicies, as plain dicts.
 
-    def __init__(self, api_client: kube.ApiClient) -> None:
+    `request_timeout` bounds every call but the list of all policies, which `list_timeout` bounds
+    (seconds; None: the client's default of 300 s). The admission server sets them: a read that
+    outlives the API server's webhook timeout only delays the failurePolicy decision.
+    """
+
+    def __init__(
+        self, api_client: kube.ApiClient, *, request_timeout: float | None = None, list_timeout: float | None = None
+    ) -> None:
         self._client = api_client
         self._core = kube.CoreV1Api(api_client)
         self._custom = kube.CustomObjectsApi(api_client)
+        self._timeout: dict[str, Any] = {"_request_timeout": request_timeout} if request_timeout else {}
+        self._list_timeout: dict[str, Any] = {"_request_timeout": list_timeout} if list_timeout else {}
 
     @classmethod
-    async def connect(cls, connection: kopf.ConnectionInfo | None = None) -> KubeApi:
+    async def connect(
+        cls,
+        connection: kopf.ConnectionInfo | None = None,
+        *,
+        request_timeout: float | None = None,
+        list_timeout: float | None = None,
+    ) -> KubeApi:
         """A client for `connection`, or for the ambient credentials when None."""
         configuration = configuration_from(connection) if connection else await load_configuration()
-        return cls(kube.ApiClient(configuration))
+        return cls(kube.ApiClient(configuration), request_timeout=request_timeout, list_timeout=list_timeout)
 
     async def close(self) -> None:
         await self._client.close()  # type: ignore[no-untyped-call]
@@ -84,7 +113,8 @@ class KubeApi:
 
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self._plain(await self._core.read_namespaced_config_map(name, namespace))
+            with _transport_errors():
+                return self._plain(await self._core.read_namespaced_config_map(name, namespace, **self._timeout))
         except kube.ApiException as exc:
             _raise_unless_missing(exc)
             return None
@@ -93,15 +123,17 @@ class KubeApi:
         try:
             configmap = kube.V1ConfigMap.from_dict(dict(body))
             assert configmap is not None
-            return self._plain(await self._core.create_namespaced_config_map(namespace, configmap))
+            with _transport_errors():
+                return self._plain(await self._core.create_namespaced_config_map(namespace, configmap, **self._timeout))
         except kube.ApiException as exc:
             raise _error(exc) from None
 
     async def patch_configmap(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            result = await self._core.patch_namespaced_config_map(
-                name, namespace, dict(patch), _content_type="application/merge-patch+json"
-            )
+            with _transport_errors():
+                result = await self._core.patch_namespaced_config_map(
+                    name, namespace, dict(patch), _content_type="application/merge-patch+json", **self._timeout
+                )
         except kube.ApiException as exc:
             raise _error(exc) from None
         return self._plain(result)
@@ -109,7 +141,8 @@ class KubeApi:
     async def read_secret_keys(self, namespace: str, name: str) -> list[str] | None:
         """The key names a Secret holds (never the values), or None when there is no such Secret."""
         try:
-            secret = await self._core.read_namespaced_secret(name, namespace)
+            with _transport_errors():
+                secret = await self._core.read_namespaced_secret(name, namespace, **self._timeout)
         except kube.ApiException as exc:
             _raise_unless_missing(exc)
             return None
@@ -117,7 +150,10 @@ class KubeApi:
 
     async def read_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            found = await self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            with _transport_errors():
+                found = await self._custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, **self._timeout
+                )
         except kube.ApiException as exc:
             _raise_unless_missing(exc)
             return None
@@ -126,7 +162,8 @@ class KubeApi:
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every LLMRoutePolicy the credentials may list, in all namespaces."""
         try:
-            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            with _transport_errors():
+                found = await self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **self._list_timeout)
         except kube.ApiException as exc:
             raise _error(exc) from None
         items = found.get("items") if isinstance(found, Mapping) else None

@@ -9,9 +9,13 @@ reconciler, so pod creation never waits on a leader election. Two listeners in o
 - `LLMROUTE_RELAY_PORT` (8080, plain HTTP, cluster-internal): the sidecar's own status relay app
   (`GET /v1/statuspages`), fed by a `StatusBoard` configured with the providers of every policy.
 
-Decisions made once, here: a pod naming a missing or invalid policy is refused, or admitted without
-the sidecar, per `LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all (API down), the
-answer is HTTP 500, so the API server applies the webhook's `failurePolicy` from the chart.
+Decisions made once, here: a pod naming a missing, invalid or not yet Ready policy (its ConfigMap
+may not exist or may hold another version), or using one of the sidecar's volume names, is refused,
+or admitted without the sidecar, per `LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all
+(API down or slower than `API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the
+webhook's `failurePolicy` from the chart.
+
+The TLS certificate is re-read when its files change (cert-manager rotates it in the mounted Secret).
 """
 
 from __future__ import annotations
@@ -22,21 +26,24 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
+import kopf
 from aiohttp import web
 
-from llmroute_sidecar.policy import PolicyError, Provider, load_policy
+from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 
-from .injection import inject, json_patch, requested_policy
+from .injection import inject, injection_conflicts, json_patch, requested_policy
 from .kubeapi import KubeApi, KubeApiError
+from .reconcile import READY, load_cluster_policy
 from .settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -46,6 +53,15 @@ log = logging.getLogger(__name__)
 
 MUTATE_PATH = "/mutate-pods"
 ADMISSION_API = "admission.k8s.io/v1"
+API_READ_TIMEOUT = 2.0
+"""Seconds a policy read may take: well inside the API server's webhook timeout (5 s in the chart),
+so a stuck read ends in our HTTP 500 (the failurePolicy decides) rather than the API server's timeout."""
+API_LIST_TIMEOUT = 30.0
+"""Seconds the relay's list of all policies may take (off the admission path, possibly large)."""
+TLS_RELOAD_INTERVAL = 5.0
+"""Seconds between checks of the TLS files for a rotated certificate."""
+RELAY_FIRST_RETRY = 1.0
+"""Seconds before the relay retries a failed policy list; doubled per failure up to its interval."""
 
 
 class PolicySource(Protocol):
@@ -57,26 +73,44 @@ class PolicySource(Protocol):
 
 
 class PolicyCache:
-    """Policies by namespace/name for `ttl` seconds, absent ones included, so a scale-up costs one read."""
+    """Policies by namespace/name for `ttl` seconds, absent ones included, so a scale-up costs one read.
+
+    No lock is held across a read: a slow read of one policy must not delay admissions for others.
+    Concurrent misses for the same policy share one read (an in-flight task per key); a failed read
+    is not cached, so the next admission tries again.
+    """
 
     def __init__(self, source: PolicySource, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
-        self._lock = asyncio.Lock()
+        self._reading: dict[tuple[str, str], asyncio.Task[dict[str, Any] | None]] = {}
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         key = (namespace, name)
-        async with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and self._clock() - entry[0] < self._ttl:
-                return entry[1]
-            found = await self._source.read_policy(namespace, name)
-            self._entries[key] = (self._clock(), found)
-            if len(self._entries) > 4096:
-                self._entries.pop(next(iter(self._entries)))
-            return found
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() - entry[0] < self._ttl:
+            return entry[1]
+        reading = self._reading.get(key)
+        if reading is None or reading.done():  # done here only if cancelled before it ever ran
+            reading = asyncio.create_task(self._read(key))
+            # Retrieved here so a read whose waiters all went away logs no "exception never retrieved".
+            reading.add_done_callback(lambda task: task.cancelled() or task.exception())
+            self._reading[key] = reading
+        # Shielded: one waiter giving up (its client disconnected) does not cancel the others' read.
+        return await asyncio.shield(reading)
+
+    async def _read(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        try:
+            found = await self._source.read_policy(*key)
+        finally:
+            self._reading.pop(key, None)
+        self._entries.pop(key, None)  # re-inserted last: the oldest entry is the first evicted
+        self._entries[key] = (self._clock(), found)
+        if len(self._entries) > 4096:
+            self._entries.pop(next(iter(self._entries)))
+        return found
 
 
 SETTINGS_KEY = web.AppKey("llmroute_settings", Settings)
@@ -99,6 +133,26 @@ def _bad_policy(settings: Settings, message: str) -> Verdict:
     return Verdict(False, message=message)
 
 
+def not_ready_reason(body: Mapping[str, Any], policy: LoadedPolicy) -> str | None:
+    """Why the policy's ConfigMap cannot be trusted to hold `policy` yet, or None when it can.
+
+    The operator sets Ready=True and `status.configHash` only after writing the ConfigMap; a pod
+    injected before that would wait on a missing ConfigMap, or run the previous version of the policy.
+    """
+    status = body.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == READY), None)
+    if ready is None:
+        return "the operator has not reconciled it yet"
+    if ready.get("status") != "True":
+        return str(ready.get("message") or ready.get("reason") or f"Ready is {ready.get('status')}")
+    if status.get("configHash") != policy.config_hash:
+        return (
+            f"its ConfigMap holds configHash {status.get('configHash')}, the current spec has "
+            f"{policy.config_hash} (the operator has not caught up yet)"
+        )
+    return None
+
+
 async def review_pod(request: Mapping[str, Any], settings: Settings, policies: PolicyCache) -> Verdict:
     """Decide about one AdmissionReview `request`: no patch, a patch, or a refusal."""
     kind = (request.get("kind") or {}).get("kind")
@@ -109,15 +163,23 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
     name = requested_policy(pod)
     if name is None or namespace in settings.skip_namespaces:
         return Verdict(True)
+    if conflicts := injection_conflicts(pod):
+        return _bad_policy(
+            settings,
+            f'llmroute: cannot add the sidecar of LLMRoutePolicy "{namespace}/{name}": {"; ".join(conflicts)} '
+            "(names reserved for the sidecar)",
+        )
     body = await policies.get(namespace, name)
     if body is None:
         return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{name}" not found in namespace "{namespace}"')
     try:
-        policy = load_policy(body)
+        policy = load_cluster_policy(body)
     except PolicyError as exc:
         return _bad_policy(
             settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is invalid: {"; ".join(exc.problems)}'
         )
+    if (reason := not_ready_reason(body, policy)) is not None:
+        return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is not Ready: {reason}')
     patch = json_patch(pod, inject(pod, policy, settings))
     return Verdict(True, patch=patch or None)
 
@@ -172,7 +234,7 @@ def policy_providers(bodies: Sequence[Mapping[str, Any]]) -> list[Provider]:
     providers: list[Provider] = []
     for body in bodies:
         try:
-            providers.extend(load_policy(body).spec.providers)
+            providers.extend(load_cluster_policy(body).spec.providers)
         except PolicyError:
             continue
     return providers
@@ -184,14 +246,49 @@ async def refresh_board(board: StatusBoard, source: PolicySource) -> int:
     return len(board.pollers)
 
 
-async def keep_board_fresh(board: StatusBoard, source: PolicySource, interval: float) -> None:
-    """Refresh the board now and every `interval` seconds; API failures keep the pages polled so far."""
+async def keep_board_fresh(
+    board: StatusBoard, source: PolicySource, interval: float, *, first_retry: float = RELAY_FIRST_RETRY
+) -> None:
+    """Refresh the board now and every `interval` seconds, for as long as the relay runs.
+
+    Any failure (API errors, dropped connections, a bug) keeps the pages polled so far and is retried
+    after `first_retry` seconds, doubling up to `interval`. A failure is logged when it differs from
+    the previous one, not on every retry, and the recovery once.
+    """
+    last_problem: str | None = None
+    delay = first_retry
     while True:
         try:
             await refresh_board(board, source)
-        except KubeApiError as exc:
-            log.warning("status relay: cannot list policies: %s", exc)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem != last_problem:
+                # A traceback only for what is not a plain API failure: that would be a bug of ours.
+                log.warning(
+                    "status relay: cannot refresh the policies: %s", problem, exc_info=not isinstance(exc, KubeApiError)
+                )
+                last_problem = problem
+            await asyncio.sleep(min(delay, interval))
+            delay = min(delay * 2, interval)
+            continue
+        if last_problem is not None:
+            log.info("status relay: policies refreshed again")
+            last_problem = None
+        delay = first_retry
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None] | None) -> AsyncIterator[None]:
+    """Run `work` (if any) as a task for the lifetime of the block."""
+    task = None if work is None else asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @contextlib.asynccontextmanager
@@ -211,27 +308,99 @@ async def relay_board(settings: Settings, source: PolicySource) -> AsyncIterator
             await board.close()
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context from `tls.crt`/`tls.key`, or None when the directory has none."""
+def _server_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten or swapped (the kubelet swaps a symlink to a new file)."""
+    stat = os.stat(path)  # follows the symlinks, to the file the next load would read
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class WebhookTls:
+    """One server `SSLContext` whose certificate follows `tls.crt`/`tls.key` as they are rotated.
+
+    The listening socket keeps this one context; `load_cert_chain` on it changes what new handshakes
+    present. A changed pair is first loaded into a scratch context: loading a certificate that does
+    not match the current key into the live context drops that key, so a half-written pair (new
+    certificate, old key) would break every handshake until the key arrived. Until it loads, the
+    previous certificate is served, and the problem is logged once per state of the files.
+    """
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self.context = _server_context()
+        self._loaded = self._identity()  # taken before loading: a change during the load is seen next time
+        self.context.load_cert_chain(cert, key)
+        self._reported: object = None
+
+    def _identity(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        return (_file_identity(self.cert), _file_identity(self.key))
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again when they changed; whether the served certificate changed."""
+        try:
+            identity = self._identity()
+        except OSError as exc:  # a file missing, e.g. removed by hand mid-rotation
+            self._report(None, exc)
+            return False
+        if identity == self._loaded:
+            return False
+        try:
+            _server_context().load_cert_chain(self.cert, self.key)
+            # The files could still change between these two loads; if the second one fails, the next
+            # check retries (`_loaded` is unchanged) and a consistent pair repairs the context.
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._report(identity, exc)
+            return False
+        self._loaded, self._reported = identity, None
+        log.info("webhook TLS: loaded the rotated certificate from %s", self.cert)
+        return True
+
+    def _report(self, identity: object, exc: Exception) -> None:
+        if (identity, str(exc)) != self._reported:
+            log.warning("webhook TLS: keeping the previous certificate, cannot load %s: %s", self.cert, exc)
+            self._reported = (identity, str(exc))
+
+
+def webhook_tls(settings: Settings) -> WebhookTls | None:
+    """The server TLS from `tls.crt`/`tls.key`, or None when the directory has none."""
     directory = Path(settings.webhook_tls_dir)
     cert, key = directory / "tls.crt", directory / "tls.key"
     if not (cert.is_file() and key.is_file()):
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+    return WebhookTls(cert, key)
 
 
-async def serve(settings: Settings, source: PolicySource, stop: asyncio.Event) -> None:
+async def keep_tls_fresh(tls: WebhookTls, interval: float) -> None:
+    """Check the TLS files every `interval` seconds, for as long as the webhook runs."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            tls.reload_if_changed()
+        except Exception:  # never end the task: a certificate not reloaded expires in production
+            log.exception("webhook TLS: unexpected error while checking the certificate files")
+
+
+async def serve(
+    settings: Settings, source: PolicySource, stop: asyncio.Event, *, tls_reload_interval: float = TLS_RELOAD_INTERVAL
+) -> None:
     """Run both listeners until `stop` is set."""
     from llmroute_sidecar.statusrelay import build_relay_app
 
-    context = tls_context(settings)
-    if context is None:
+    tls = webhook_tls(settings)
+    context = None if tls is None else tls.context
+    if tls is None:
         log.warning("no tls.crt/tls.key in %s: admission served over plain HTTP", settings.webhook_tls_dir)
     runners: list[web.AppRunner] = []
-    async with relay_board(settings, source) as board:
+    async with (
+        relay_board(settings, source) as board,
+        _background(None if tls is None else keep_tls_fresh(tls, tls_reload_interval)),
+    ):
         try:
             for app, port, ssl_context in (
                 (build_webhook_app(settings, source), settings.webhook_port, context),
@@ -248,13 +417,18 @@ async def serve(settings: Settings, source: PolicySource, stop: asyncio.Event) -
                 await runner.cleanup()
 
 
+async def connect_api(connection: kopf.ConnectionInfo | None = None) -> KubeApi:
+    """The webhook's API client: every read bounded (`API_READ_TIMEOUT`, `API_LIST_TIMEOUT`)."""
+    return await KubeApi.connect(connection, request_timeout=API_READ_TIMEOUT, list_timeout=API_LIST_TIMEOUT)
+
+
 async def _main(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    api = await KubeApi.connect()
+    api = await connect_api()
     try:
         await serve(settings, api, stop)
     finally:

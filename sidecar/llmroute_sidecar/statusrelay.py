@@ -59,6 +59,9 @@ def encode_page(poller: StatusPagePoller) -> dict[str, Any]:
     }
     if poller.reading is not None:
         entry.update(poller.reading.to_json())
+        # The reason label only (`http`, `timeout`, ...): the detail quotes what the fetched URL answered
+        # (an HTML title, an HTTP status), and this document is served to every pod unauthenticated.
+        entry["error"] = poller.reading.reason
     else:
         entry.update(state=None, level=None, usable=None, error=None)
     age = poller.age()

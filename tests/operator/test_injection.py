@@ -6,8 +6,21 @@ import copy
 from typing import Any
 
 import jsonpatch
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llmroute_operator.injection import PLACEHOLDER_KEY, inject, json_patch, requested_policy
+from llmroute_operator.injection import (
+    KEYS_VOLUME,
+    PLACEHOLDER_KEY,
+    RESERVED_VOLUMES,
+    SIDECAR_NAME,
+    InjectionConflict,
+    inject,
+    injection_conflicts,
+    json_patch,
+    requested_policy,
+)
 from llmroute_operator.settings import Settings
 from llmroute_sidecar.policy import LoadedPolicy, load_policy
 
@@ -167,3 +180,86 @@ def test_json_patch_escapes_annotation_keys_and_round_trips() -> None:
 
     assert jsonpatch.apply_patch(old, patch, in_place=False) == new
     assert {"op": "remove", "path": "/metadata/annotations/c~0d"} in patch
+
+
+def test_a_pod_with_a_volume_of_the_sidecars_name_is_not_injected() -> None:
+    """Replacing the app's `llmroute-keys` volume with ours would hand the keys to the app container."""
+    pod = a_pod()
+    pod["spec"]["volumes"].append({"name": "llmroute-keys", "emptyDir": {}})
+    pod["spec"]["containers"][1]["volumeMounts"] = [{"name": "llmroute-keys", "mountPath": "/keys"}]
+
+    assert injection_conflicts(pod) == [
+        'the pod already has a volume named "llmroute-keys"',
+        'container "worker" mounts a volume named "llmroute-keys"',
+    ]
+    with pytest.raises(InjectionConflict, match="llmroute-keys"):
+        inject(pod, policy(), SETTINGS)
+
+
+def test_a_mount_of_a_sidecar_volume_name_conflicts_even_without_the_volume() -> None:
+    """The API server validates after mutation: our volume would satisfy the app's dangling mount."""
+    pod = a_pod()
+    pod["spec"]["initContainers"][0]["volumeMounts"] = [{"name": "llmroute-policy", "mountPath": "/p"}]
+
+    assert injection_conflicts(pod) == ['container "migrate" mounts a volume named "llmroute-policy"']
+
+
+def test_an_app_container_named_like_the_sidecar_conflicts() -> None:
+    pod = a_pod()
+    pod["spec"]["containers"][0]["name"] = "llmroute"
+
+    assert injection_conflicts(pod) == ['the pod already has a container named "llmroute"']
+
+
+def test_an_injected_pod_has_no_conflicts_with_itself() -> None:
+    assert injection_conflicts(a_pod()) == []
+    assert patched(patched(a_pod())) == patched(a_pod())
+
+
+NAMES = st.sampled_from(["data", "cache", *RESERVED_VOLUMES])
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    """Annotated pods whose volumes and mounts use any mix of the app's and the sidecar's names."""
+
+    def containers(prefix: str, count: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": draw(st.sampled_from([f"{prefix}{index}", SIDECAR_NAME]))
+                if prefix == "app"
+                else f"{prefix}{index}",
+                "image": "app:1",
+                "volumeMounts": [
+                    {"name": name, "mountPath": f"/m{position}"}
+                    for position, name in enumerate(draw(st.lists(NAMES, max_size=3, unique=True)))
+                ],
+            }
+            for index in range(count)
+        ]
+
+    pod = a_pod()
+    pod["spec"] = {
+        "initContainers": containers("init", draw(st.integers(0, 2))),
+        "containers": containers("app", draw(st.integers(1, 3))),
+        "volumes": [{"name": name, "emptyDir": {}} for name in draw(st.lists(NAMES, max_size=4, unique=True))],
+    }
+    return pod
+
+
+@settings(max_examples=300, deadline=None)
+@given(pods())
+def test_no_app_container_ever_mounts_the_keys_volume(pod: dict[str, Any]) -> None:
+    """Whatever names the pod uses: either it is not injected, or only the sidecar mounts our volumes."""
+    if injection_conflicts(pod):
+        with pytest.raises(InjectionConflict):
+            inject(pod, policy(), SETTINGS)
+        return
+    result = patched(pod)
+    sidecar, *others = result["spec"]["initContainers"]
+    assert sidecar["name"] == SIDECAR_NAME
+    assert KEYS_VOLUME in {m["name"] for m in sidecar["volumeMounts"]}
+    for container in others + result["spec"]["containers"]:
+        assert not {m["name"] for m in container.get("volumeMounts", [])} & set(RESERVED_VOLUMES)
+    [keys] = [v for v in result["spec"]["volumes"] if v["name"] == KEYS_VOLUME]
+    assert "projected" in keys

@@ -2,6 +2,8 @@
 
 Policies are read from the emulated API server through the same client the webhook uses in a
 cluster; the returned JSONPatch is applied to the pod and the test looks at the resulting pod.
+A policy is injected only once the operator has reconciled it: `create_ready_policy` writes the
+status the reconciler would (`reconcile.build_status`), through the status subresource.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import pytest_asyncio
 from aiohttp import web
 
 from llmroute_operator.kubeapi import KubeApi
+from llmroute_operator.reconcile import build_status, configmap_name, load_cluster_policy
 from llmroute_operator.settings import Settings
-from llmroute_operator.webhooks import build_webhook_app, serve, tls_context
+from llmroute_operator.webhooks import build_webhook_app, serve, webhook_tls
 
 from .conftest import NAMESPACE, POLICY_URL, policy_body
 from .kube_emulator import KubeEmulator
@@ -119,12 +122,35 @@ def applied(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_policy(kube: KubeEmulator, body: dict[str, Any]) -> None:
+    """Create the policy as a user would: no status (the operator has not seen it yet)."""
     async with kube.post(POLICY_URL, json=body) as response:
         assert response.status in (200, 201), await response.text()
 
 
+def ready_status(body: dict[str, Any]) -> dict[str, Any]:
+    """The status the reconciler writes once the policy's ConfigMap holds it: Ready=True, its configHash."""
+    name = body["metadata"]["name"]
+    now = datetime.datetime.now(datetime.UTC)
+    status = build_status(None, policy=load_cluster_policy(body), generation=1, now=now, configmap=configmap_name(name))
+    assert status["configHash"] and status["conditions"][0]["status"] == "True"
+    return status
+
+
+async def set_status(kube: KubeEmulator, name: str, status: dict[str, Any]) -> None:
+    headers = {"Content-Type": "application/merge-patch+json"}
+    body = json.dumps({"status": status})
+    async with kube.patch(f"{POLICY_URL}/{name}/status", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+
+
+async def create_ready_policy(kube: KubeEmulator, body: dict[str, Any]) -> None:
+    """Create the policy and give it the status of a reconciled one."""
+    await create_policy(kube, body)
+    await set_status(kube, body["metadata"]["name"], ready_status(body))
+
+
 async def test_an_annotated_pod_comes_back_with_the_sidecar(kube: KubeEmulator, webhook: Any) -> None:
-    await create_policy(kube, policy_body())
+    await create_ready_policy(kube, policy_body())
     url = await webhook()
     pod = a_pod()
 
@@ -142,7 +168,7 @@ async def test_an_annotated_pod_comes_back_with_the_sidecar(kube: KubeEmulator, 
 
 
 async def test_readmitting_an_injected_pod_changes_nothing(kube: KubeEmulator, webhook: Any) -> None:
-    await create_policy(kube, policy_body())
+    await create_ready_policy(kube, policy_body())
     url = await webhook()
     once = applied(a_pod(), await admit(url, review(a_pod())))
 
@@ -153,7 +179,7 @@ async def test_readmitting_an_injected_pod_changes_nothing(kube: KubeEmulator, w
 
 
 async def test_an_opted_out_pod_is_admitted_untouched(kube: KubeEmulator, webhook: Any) -> None:
-    await create_policy(kube, policy_body())
+    await create_ready_policy(kube, policy_body())
     url = await webhook()
     pod = a_pod(**{"llmroute.dev/inject": "false"})
 
@@ -202,6 +228,119 @@ async def test_an_invalid_policy_is_refused_with_its_field_path(kube: KubeEmulat
     assert 'spec.routes[0].targets[0].provider: unknown provider "nope"' in response["status"]["message"]
 
 
+NO_CACHE = replace(SETTINGS, policy_cache_ttl=0)
+"""Every admission reads the policy again, so a status change shows at once."""
+
+
+async def test_a_policy_the_operator_has_not_reconciled_yet_is_not_injected(kube: KubeEmulator, webhook: Any) -> None:
+    """Injected now, the pod would wait on a ConfigMap that does not exist yet."""
+    await create_policy(kube, policy_body())
+    url = await webhook(NO_CACHE)
+
+    response = await admit(url, review(a_pod()))
+
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["message"] == (
+        'llmroute: LLMRoutePolicy "apps/support-bot" is not Ready: the operator has not reconciled it yet'
+    )
+    await set_status(kube, "support-bot", ready_status(policy_body()))
+    assert "patch" in await admit(url, review(a_pod()))
+
+
+async def test_a_policy_that_is_not_ready_is_refused_with_its_ready_message(kube: KubeEmulator, webhook: Any) -> None:
+    body = policy_body()
+    await create_policy(kube, body)
+    conflict = "ConfigMap support-bot-llmroute exists and is not managed by llmroute; rename or delete it"
+    now = datetime.datetime.now(datetime.UTC)
+    status = build_status(
+        None, policy=load_cluster_policy(body), generation=1, now=now, configmap="support-bot-llmroute",
+        configmap_error=conflict,
+    )  # fmt: skip
+    await set_status(kube, "support-bot", status)
+    url = await webhook(NO_CACHE)
+
+    response = await admit(url, review(a_pod()))
+
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["message"] == f'llmroute: LLMRoutePolicy "apps/support-bot" is not Ready: {conflict}'
+
+
+async def test_a_not_ready_policy_admits_uninjected_when_the_chart_allows_it(kube: KubeEmulator, webhook: Any) -> None:
+    await create_policy(kube, policy_body())
+    url = await webhook(replace(NO_CACHE, unknown_policy="allow"))
+
+    response = await admit(url, review(a_pod()))
+
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"] == [
+        'llmroute: LLMRoutePolicy "apps/support-bot" is not Ready: the operator has not reconciled it yet; '
+        "the pod is admitted without the llmroute sidecar"
+    ]
+
+
+async def test_an_edited_policy_is_injected_only_once_its_configmap_holds_the_edit(
+    kube: KubeEmulator, webhook: Any
+) -> None:
+    """Between the edit and the reconcile, status.configHash names the previous spec: new pods would
+    run the old policy while their annotation claimed the new one."""
+    old = policy_body()
+    await create_ready_policy(kube, old)
+    edited = policy_body()
+    edited["spec"]["routes"][0]["budget"] = "9s"
+    headers = {"Content-Type": "application/merge-patch+json"}
+    patch = json.dumps({"spec": {"routes": edited["spec"]["routes"]}})
+    async with kube.patch(f"{POLICY_URL}/support-bot", data=patch, headers=headers) as answer:
+        assert answer.status == 200, await answer.text()
+    url = await webhook(NO_CACHE)
+    old_hash, new_hash = (load_cluster_policy(body).config_hash for body in (old, edited))
+
+    response = await admit(url, review(a_pod()))
+
+    assert response["allowed"] is False
+    assert response["status"]["message"] == (
+        f'llmroute: LLMRoutePolicy "apps/support-bot" is not Ready: its ConfigMap holds configHash {old_hash}, '
+        f"the current spec has {new_hash} (the operator has not caught up yet)"
+    )
+    await set_status(kube, "support-bot", ready_status(edited))
+    result = applied(a_pod(), await admit(url, review(a_pod())))
+    assert result["metadata"]["annotations"]["llmroute.dev/injected"] == f"support-bot@{new_hash}"
+
+
+def a_pod_with_a_keys_volume() -> dict[str, Any]:
+    """An app that happens to use the name of the sidecar's keys volume for its own."""
+    pod = a_pod()
+    pod["spec"]["volumes"] = [{"name": "llmroute-keys", "emptyDir": {}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "llmroute-keys", "mountPath": "/keys"}]
+    return pod
+
+
+async def test_a_pod_using_a_sidecar_volume_name_is_refused(kube: KubeEmulator, webhook: Any) -> None:
+    """Replacing the app's volume with ours would mount the provider keys into the app container."""
+    await create_ready_policy(kube, policy_body())
+    url = await webhook()
+
+    response = await admit(url, review(a_pod_with_a_keys_volume()))
+
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["message"] == (
+        'llmroute: cannot add the sidecar of LLMRoutePolicy "apps/support-bot": the pod already has a volume '
+        'named "llmroute-keys"; container "app" mounts a volume named "llmroute-keys" (names reserved for the sidecar)'
+    )
+
+
+async def test_a_pod_using_a_sidecar_volume_name_is_admitted_uninjected_when_the_chart_allows_it(
+    kube: KubeEmulator, webhook: Any
+) -> None:
+    await create_ready_policy(kube, policy_body())
+    url = await webhook(replace(SETTINGS, unknown_policy="allow"))
+    pod = a_pod_with_a_keys_volume()
+
+    response = await admit(url, review(pod))
+
+    assert applied(pod, response) == pod
+    assert "names reserved for the sidecar" in response["warnings"][0]
+
+
 async def test_other_operations_and_system_namespaces_pass_through(kube: KubeEmulator, webhook: Any) -> None:
     url = await webhook()
 
@@ -241,7 +380,7 @@ async def test_the_webhook_process_serves_admission_health_and_the_status_relay(
     await web.TCPSite(page_runner, "127.0.0.1", page_port).start()
     body = policy_body()
     body["spec"]["providers"][0]["statusPage"] = {"url": f"http://127.0.0.1:{page_port}/api/v2/summary.json"}
-    await create_policy(kube, body)
+    await create_ready_policy(kube, body)
     broken = policy_body("broken")
     broken["spec"]["routes"][0]["targets"][0]["provider"] = "nope"
     await create_policy(kube, broken)  # skipped by the relay, not fatal
@@ -317,8 +456,8 @@ def test_tls_is_loaded_from_the_tls_directory(tmp_path: Path) -> None:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
-    context = tls_context(replace(SETTINGS, webhook_tls_dir=str(tmp_path)))
+    tls = webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path)))
 
-    assert isinstance(context, ssl.SSLContext)
-    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert tls_context(replace(SETTINGS, webhook_tls_dir=str(tmp_path / "absent"))) is None
+    assert tls is not None and isinstance(tls.context, ssl.SSLContext)
+    assert tls.context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path / "absent"))) is None

@@ -141,7 +141,7 @@ class StatusBoard:
         self._clock = clock
         self._wall = wall_clock
         self._autostart = autostart
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random(random.getrandbits(64))  # follows a seeded `random` (the simulator)
         self._pollers: dict[str, StatusPagePoller] = {}
         self._watches: dict[str, _Watch] = {}
         self._by_key: dict[str, list[_Watch]] = {}

@@ -444,6 +444,10 @@ class Served:
     output_tokens: int = 0
 
 
+DRAW_WINDOW = 0.25
+"""Seconds of scenario time whose requests share a draw sequence (see `ProviderTimeline._draws`)."""
+
+
 class ProviderTimeline:
     """The time-driven `decide` hook of a FakeProvider: the step for *now* on the scenario clock."""
 
@@ -451,8 +455,19 @@ class ProviderTimeline:
         self.segments = segments
         self._starts = [s.start for s in segments]
         self.clock = clock
-        self.rng = rng
+        self._seed = rng.getrandbits(64)
+        self._arrivals: dict[int, int] = {}
         self.served: list[Served] = []
+
+    def _draws(self, t: float) -> random.Random:
+        """The random draws of one request: keyed by its DRAW_WINDOW of scenario time and its rank
+        within it, not by everything that arrived before. One request more or less (a retry the real
+        clock timed differently) then changes the draws of its own window only, instead of shifting
+        every draw after it: seeded runs stay close to each other."""
+        window = int(t / DRAW_WINDOW)
+        rank = self._arrivals.get(window, 0)
+        self._arrivals[window] = rank + 1
+        return random.Random(f"{self._seed}:{window}:{rank}")
 
     def segment_at(self, t: float) -> Segment:
         index = bisect.bisect_right(self._starts, t) - 1
@@ -462,12 +477,13 @@ class ProviderTimeline:
         """The step for a request arriving at scenario time `t` (draws from the seeded RNG)."""
         segment = self.segment_at(t)
         speed = self.clock.speed
-        draw = self.rng.random()
+        rng = self._draws(t)
+        draw = rng.random()
         cumulative = 0.0
         for key, rate in segment.errors:
             cumulative += rate
             if draw < cumulative:
-                delay = segment.error_latency.sample(self.rng) / speed
+                delay = segment.error_latency.sample(rng) / speed
                 self.served.append(Served(t, segment.name, segment.kind, str(key), model))
                 if key == "hang":
                     return Hang(delay=delay)
@@ -478,7 +494,7 @@ class ProviderTimeline:
                 if segment.retry_after is not None and key in (429, 503, 529):
                     retry_after = round(segment.retry_after / speed, 3)
                 return Fail(int(key), retry_after=retry_after, delay=delay)
-        delay = segment.latency.sample(self.rng) / speed
+        delay = segment.latency.sample(rng) / speed
         tokens = segment.tokens
         self.served.append(Served(t, segment.name, segment.kind, "ok", model, tokens.input, tokens.output))
         return Reply(delay=delay, chunk_delay=segment.chunk_delay / speed,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
@@ -68,9 +69,9 @@ class OperatorMemo:
     """Explicit API server and credentials; None: in-cluster service account, else kubeconfig."""
     kube: KubeApi | None = None
     """The operator's own API client, opened at start-up."""
-    relay: RelayClient | None = None
-    """The status relay's reader (when `LLMROUTE_STATUS_RELAY` is set), for the Shedding column."""
     relay_session: aiohttp.ClientSession | None = None
+    """For reading the status relay (when `LLMROUTE_STATUS_RELAY` is set), for the Shedding column."""
+    refresher: asyncio.Task[None] | None = None
 
     def api(self) -> KubeApi:
         if self.kube is None:
@@ -102,7 +103,8 @@ async def start(*, memo: OperatorMemo, settings: kopf.OperatorSettings, **_: Any
     memo.kube = await KubeApi.connect(memo.connection)
     if memo.settings.status_relay:
         memo.relay_session = aiohttp.ClientSession()
-        memo.relay = RelayClient(memo.relay_session, memo.settings.status_relay)
+        relay = RelayClient(memo.relay_session, memo.settings.status_relay)
+        memo.refresher = asyncio.create_task(refresh_shedding(memo, relay, logging.getLogger("llmroute.operator")))
 
 
 @kopf.on.cleanup(registry=registry)
@@ -110,9 +112,14 @@ async def stop(*, memo: OperatorMemo, **_: Any) -> None:
     if memo.kube is not None:
         await memo.kube.close()
         memo.kube = None
+    if memo.refresher is not None:
+        memo.refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await memo.refresher
+        memo.refresher = None
     if memo.relay_session is not None:
         await memo.relay_session.close()
-        memo.relay, memo.relay_session = None, None
+        memo.relay_session = None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
@@ -136,23 +143,41 @@ async def recheck_secrets(
     await _reconcile(body, patch, memo.api(), logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.shedding_refresh_interval, registry=registry)
-async def refresh_shedding(
-    *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
-) -> None:
-    """`status.sheddingProviders` from the relay's latest readings (one relay request serves every
-    policy of the interval). No relay, an invalid policy or an unreachable relay: left as it is."""
-    if memo.relay is None:
+async def refresh_shedding(memo: OperatorMemo, relay: RelayClient, logger: logging.Logger) -> None:
+    """Keep every policy's `status.sheddingProviders` (the Shedding printer column) on what the status
+    relay last read: one relay read and one policy list per interval, a status patch only on change.
+
+    A plain task rather than a kopf timer: kopf holds a finalizer on every object a timer serves, and a
+    policy must stay deletable while the operator is down."""
+    interval = memo.settings.shedding_refresh_interval
+    reported: str | None = None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            pages = await relay.fetch(max_age=interval / 2)
+            for body in await memo.api().list_policies():
+                await _refresh_policy_shedding(memo, body, pages)
+        except (RelayUnavailable, KubeApiError) as exc:
+            if str(exc) != reported:
+                logger.info("shedding providers not refreshed: %s", exc)
+            reported = str(exc)
+            continue
+        reported = None
+
+
+async def _refresh_policy_shedding(memo: OperatorMemo, body: Mapping[str, Any], pages: Mapping[str, Any]) -> None:
+    metadata = body.get("metadata") or {}
+    namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+    if memo.settings.namespaces and namespace not in memo.settings.namespaces:
         return
     try:
-        policy = load_cluster_policy({key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")})
-        pages = await memo.relay.fetch(max_age=SETTINGS.shedding_refresh_interval / 2)  # the timer's own
-    except (PolicyError, RelayUnavailable) as exc:
-        logger.debug("shedding providers not refreshed: %s", exc)
-        return
+        policy = load_cluster_policy(body)
+    except PolicyError:
+        return  # invalid: its status says so already
     shedding = shedding_providers(policy, pages)
     if shedding != list((body.get("status") or {}).get("sheddingProviders") or []):
-        patch.status["sheddingProviders"] = shedding or None  # none: the field (and the column) goes away
+        # none: the field (and the column) goes away
+        await memo.api().patch_policy_status(namespace, name, {"sheddingProviders": shedding or None})
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)

@@ -159,6 +159,17 @@ class KubeApi:
             return None
         return dict(found) if isinstance(found, Mapping) else None
 
+    async def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge `status` into a policy's status (the status subresource)."""
+        try:
+            with _transport_errors():
+                await self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+                    _content_type="application/merge-patch+json", **self._timeout,
+                )  # fmt: skip
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every LLMRoutePolicy the credentials may list, in all namespaces."""
         try:

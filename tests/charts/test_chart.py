@@ -445,7 +445,8 @@ def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
                     continue
                 match = re.fullmatch(r"([a-z]+)_(?:namespaced_|cluster_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
                 assert match and match.group(1) in CLIENT_VERBS, node.attr
-                resource = (GROUP, PLURAL) if match.group(2) == "custom_object" else CLIENT_RESOURCES[match.group(2)]
+                custom = {"custom_object": (GROUP, PLURAL), "custom_object_status": (GROUP, f"{PLURAL}/status")}
+                resource = custom.get(match.group(2)) or CLIENT_RESOURCES[match.group(2)]
                 calls[method.name].add((resource, CLIENT_VERBS[match.group(1)]))
     grants: dict[tuple[str, str], set[str]] = {}
     for module in modules:

@@ -17,7 +17,6 @@ from .kube_emulator import KubeEmulator
 # The reconciler reads its settings at import (a kopf timer's interval is fixed when decorated):
 # re-check missing Secrets often, so the test that creates one late stays short.
 os.environ.setdefault("LLMROUTE_SECRET_RECHECK_INTERVAL", "0.5")
-os.environ.setdefault("LLMROUTE_SHEDDING_REFRESH_INTERVAL", "0.3")
 
 POLICIES = kmock.resource("llmroute.dev", "v1alpha1", "llmroutepolicies")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")

@@ -280,7 +280,7 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
-        settings = Settings(status_relay=str(server.make_url("")).rstrip("/"))
+        settings = Settings(status_relay=str(server.make_url("")).rstrip("/"), shedding_refresh_interval=0.2)
         async with running_operator(kube, settings):
             await apply(kube, SECRET_URL, secret_body())
             await apply(kube, POLICY_URL, policy_body(spec=spec))
@@ -289,6 +289,8 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
                 return ((stored(kube, POLICIES, "support-bot") or {}).get("status") or {}).get("sheddingProviders")
 
             await eventually(lambda: shedding() == ["claude"], what="claude shown as shedding")
+            metadata = (stored(kube, POLICIES, "support-bot") or {})["metadata"]
+            assert "llmroute.dev/finalizer" not in (metadata.get("finalizers") or [])  # deletable without us
             state["now"] = "operational"
             await eventually(lambda: shedding() is None, what="the column cleared")
     finally:

@@ -26,7 +26,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import signal
 import ssl
 import time
@@ -40,6 +39,7 @@ import kopf
 from aiohttp import web
 
 from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
+from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
 from .injection import inject, injection_conflicts, json_patch, requested_policy
 from .kubeapi import KubeApi, KubeApiError
@@ -314,12 +314,6 @@ def _server_context() -> ssl.SSLContext:
     return context
 
 
-def _file_identity(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is rewritten or swapped (the kubelet swaps a symlink to a new file)."""
-    stat = os.stat(path)  # follows the symlinks, to the file the next load would read
-    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
 class WebhookTls:
     """One server `SSLContext` whose certificate follows `tls.crt`/`tls.key` as they are rotated.
 
@@ -337,8 +331,8 @@ class WebhookTls:
         self.context.load_cert_chain(cert, key)
         self._reported: object = None
 
-    def _identity(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-        return (_file_identity(self.cert), _file_identity(self.key))
+    def _identity(self) -> tuple[Fingerprint, Fingerprint]:
+        return (file_fingerprint(self.cert), file_fingerprint(self.key))
 
     def reload_if_changed(self) -> bool:
         """Load the files again when they changed; whether the served certificate changed."""

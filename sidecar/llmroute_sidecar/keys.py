@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from .reloading import Fingerprint, file_fingerprint
+
 RECHECK_SECONDS = 1.0
 MAX_KEY_BYTES = 16 * 1024
 
@@ -20,13 +22,12 @@ MAX_KEY_BYTES = 16 * 1024
 class KeySource:
     """Where one provider's key lives; `current()` is cheap enough for every request."""
 
-    __slots__ = ("_checked", "_env", "_file", "_key", "_stamp")
+    __slots__ = ("_checked", "_file", "_key", "_stamp")
 
     def __init__(self, env: str | None = None, file: str | Path | None = None, value: str | None = None) -> None:
-        self._env = env
         self._file = Path(file) if file is not None else None
         self._key = value
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: Fingerprint | None = None
         self._checked = float("-inf")
         if self._file is not None:
             self._reload()
@@ -49,13 +50,10 @@ class KeySource:
     def _reload(self) -> None:
         assert self._file is not None
         try:
-            stat = self._file.stat()  # follows the kubelet's ..data symlink: a rotation changes the inode
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if stamp == self._stamp:
+            stamp = file_fingerprint(self._file)
+            if stamp == self._stamp or stamp[-1] > MAX_KEY_BYTES:
                 return
-            if stat.st_size > MAX_KEY_BYTES:
-                return
-            value = self._file.read_bytes().decode("utf-8", "replace").strip()
+            value = Path(stamp[0]).read_bytes().decode("utf-8", "replace").strip()
         except OSError:
             return  # missing or unreadable for now: keep what we have (env or the last good file)
         if value:

@@ -21,6 +21,17 @@ from .policy import LoadedPolicy, PolicyError, parse_policy_text
 
 log = logging.getLogger("llmroute.reload")
 
+Fingerprint = tuple[str, int, int, int, int]
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
+    """What changes when a mounted file is rewritten or swapped (the kubelet's `..data` symlink swap
+    changes the resolved path and inode; an in-place write changes mtime or size): the resolved path,
+    device, inode, mtime and size. Raises OSError when the file cannot be found."""
+    resolved = os.path.realpath(path)
+    info = os.stat(resolved)
+    return (resolved, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
 
 class PolicyWatcher:
     def __init__(
@@ -34,16 +45,14 @@ class PolicyWatcher:
         self._apply = apply
         self._refuse = refuse
         self.interval = interval
-        self._seen: tuple[str, int, int, int] | None = None
+        self._seen: Fingerprint | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def _fingerprint(self) -> tuple[str, int, int, int] | None:
+    def _fingerprint(self) -> Fingerprint | None:
         try:
-            resolved = os.path.realpath(self.path)
-            info = os.stat(resolved)
+            return file_fingerprint(self.path)
         except OSError:
             return None
-        return (resolved, info.st_ino, info.st_mtime_ns, info.st_size)
 
     def load_now(self) -> bool:
         """Read, validate and apply the file if it changed; True when a new policy was applied."""

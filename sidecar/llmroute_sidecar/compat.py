@@ -32,9 +32,7 @@ from .providers import app_codec
 from .providers.base import AppCodec, StreamFrame
 from .runtime import CompiledRoute, CompiledTarget
 from .server import (
-    STATE,
     Draining,
-    Overloaded,
     SidecarState,
     Ticket,
     answer_headers,
@@ -47,8 +45,8 @@ from .server import (
     record_usage,
     relay_stream,
     run_drainable,
+    serve_admitted,
     shed_headers,
-    shed_partly_read,
 )
 from .strategies import Answer, Call, GaveUp
 
@@ -71,17 +69,12 @@ _OVERLOAD_STATUS = {"anthropic": 529, "openai": 503}
 
 
 async def _serve(request: web.Request, dialect: str) -> web.StreamResponse:
-    state = request.app[STATE]
     codec = app_codec(dialect)
-    ticket = state.admit(request)
-    if ticket is None:
-        return _overloaded(codec)
-    try:
+
+    async def serve(state: SidecarState, request: web.Request, ticket: Ticket) -> web.StreamResponse:
         return await _serve_admitted(state, request, codec, ticket)
-    except Overloaded:
-        return shed_partly_read(_overloaded(codec))
-    finally:
-        ticket.release()
+
+    return await serve_admitted(request, serve, lambda: _overloaded(codec))
 
 
 def _overloaded(codec: AppCodec) -> web.Response:

@@ -29,7 +29,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -461,10 +461,26 @@ class Overloaded(Exception):
     """A body of undeclared length outgrew what the sidecar may hold: shed it, partly read (E6)."""
 
 
-def shed_partly_read(response: web.Response) -> web.Response:
-    """The rest of the body is still on the connection: close it rather than read what we refused."""
-    response.force_close()
-    return response
+async def serve_admitted(
+    request: web.Request,
+    serve: Callable[[SidecarState, web.Request, Ticket], Awaitable[web.StreamResponse]],
+    overloaded: Callable[[], web.Response],
+) -> web.StreamResponse:
+    """Run `serve` for a request the sidecar has capacity for; shed it (`overloaded()`) otherwise: unread
+    at admission, or partly read when a body of undeclared length outgrows the cap (the rest of it is
+    still on the connection, which is closed rather than read)."""
+    state = request.app[STATE]
+    ticket = state.admit(request)
+    if ticket is None:
+        return overloaded()
+    try:
+        return await serve(state, request, ticket)
+    except Overloaded:
+        response = overloaded()
+        response.force_close()
+        return response
+    finally:
+        ticket.release()
 
 
 def shed_headers() -> dict[str, str]:
@@ -514,16 +530,7 @@ def json_response(status: int, body: Any, headers: Mapping[str, str] | None = No
 # ----- the route API ----------------------------------------------------------------------------------
 async def route_api(request: web.Request) -> web.StreamResponse:
     """`POST /v1/routes/{route}`: the policy's own prompts, rendered with the request's variables."""
-    state = request.app[STATE]
-    ticket = state.admit(request)
-    if ticket is None:
-        return _route_overloaded()
-    try:
-        return await _route_api(state, request, ticket)
-    except Overloaded:
-        return shed_partly_read(_route_overloaded())
-    finally:
-        ticket.release()
+    return await serve_admitted(request, _route_api, _route_overloaded)
 
 
 def _route_overloaded() -> web.Response:

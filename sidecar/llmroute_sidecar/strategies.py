@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -387,9 +387,7 @@ class Engine:
                     elif isinstance(exc, ClientError) and tasks[task].index == 0:
                         # The app's request is wrong: it goes back as the provider sent it, whatever
                         # another target made of it (CONTRACT §3: no fallback on a client error).
-                        for answer in winners.values():
-                            self._count_discarded(answer)
-                            await _discard(answer)
+                        await self._discard_all(winners.values())
                         raise exc
                     else:
                         self._note_error(call, tasks[task], exc)
@@ -406,24 +404,23 @@ class Engine:
         if not winners:
             raise GaveUp(call.primary_error or call.last_error, call.shed_reason)
         best = winners[min(winners)]
-        for answer in winners.values():
-            if answer is not best:
-                self._count_discarded(answer)
-                await _discard(answer)
+        await self._discard_all(answer for answer in winners.values() if answer is not best)
         self.telemetry.quorum(call.route.name, "win" if best.target.index == 0 else "fallback-win")
         if best.target.index == 0:
             call.shed_reason = None
         return best
 
-    def _count_discarded(self, answer: Answer) -> None:
-        """A complete answer that lost (`pick: best`) was paid for: its tokens and cost still count."""
-        if answer.response is not None:
-            self.telemetry.usage(
-                answer.target.provider.name,
-                answer.response.model,
-                answer.response.usage,
-                self.telemetry.price(answer.response.model, answer.target.spec.model),
-            )
+    async def _discard_all(self, answers: Iterable[Answer]) -> None:
+        """Drop answers that lost. A complete one was paid for: its tokens and cost still count."""
+        for answer in answers:
+            if answer.response is not None:
+                self.telemetry.usage(
+                    answer.target.provider.name,
+                    answer.response.model,
+                    answer.response.usage,
+                    self.telemetry.price(answer.response.model, answer.target.spec.model),
+                )
+            await _discard(answer)
 
     async def _hedge(self, call: Call, hedge_after: float) -> Answer:
         """Start the primary; if it has not answered (streams: first content) by `hedgeAfter`, start the

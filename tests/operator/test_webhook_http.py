@@ -13,11 +13,9 @@ import base64
 import datetime
 import json
 import socket
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,7 +28,7 @@ from aiohttp import web
 from llmroute_operator.kubeapi import KubeApi
 from llmroute_operator.reconcile import build_status, configmap_name, load_cluster_policy
 from llmroute_operator.settings import Settings
-from llmroute_operator.webhooks import build_webhook_app, serve, webhook_tls
+from llmroute_operator.webhooks import build_webhook_app, serve
 
 from .conftest import NAMESPACE, POLICY_URL, policy_body
 from .kube_emulator import KubeEmulator
@@ -429,35 +427,3 @@ async def until(check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, w
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def test_tls_is_loaded_from_the_tls_directory(tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmroute-webhook.llmroute.svc")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "tls.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-    tls = webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path)))
-
-    assert tls is not None and isinstance(tls.context, ssl.SSLContext)
-    assert tls.context.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path / "absent"))) is None

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from llmroute_operator.webhooks import serve
+from llmroute_operator.webhooks import serve, webhook_tls
 
 from .test_webhook_http import SETTINGS, free_port
 
@@ -64,6 +64,18 @@ def make_pair(serial: int) -> Pair:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return Pair(cert.public_bytes(serialization.Encoding.PEM), key_pem, cert.public_bytes(serialization.Encoding.DER))
+
+
+def test_tls_is_loaded_from_the_tls_directory(tmp_path: Path) -> None:
+    pair = make_pair(1)
+    (tmp_path / "tls.crt").write_bytes(pair.cert_pem)
+    (tmp_path / "tls.key").write_bytes(pair.key_pem)
+
+    tls = webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path)))
+
+    assert tls is not None and isinstance(tls.context, ssl.SSLContext)
+    assert tls.context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert webhook_tls(replace(SETTINGS, webhook_tls_dir=str(tmp_path / "absent"))) is None
 
 
 class EmptySource:

@@ -6,17 +6,10 @@ import asyncio
 import json
 
 import aiohttp
-import pytest
 
-from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Hang, Reply, Reset
+from llmroute_sidecar.simulator.fakes import Fail, Hang, Reply, Reset
 
 from .harness import policy_document, running_sidecar
-
-
-@pytest.fixture
-async def fakes():
-    async with FakeProvider("claude") as primary, FakeProvider("gpt") as fallback:
-        yield primary, fallback
 
 
 async def post(url: str, route: str = "summarize", **body) -> tuple[int, dict, dict]:

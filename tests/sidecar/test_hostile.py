@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from llmroute_sidecar.policy import load_policy
 from llmroute_sidecar.reloading import PolicyWatcher
-from llmroute_sidecar.server import STATE, create_app, shut_down
+from llmroute_sidecar.server import STATE, SidecarState, create_app, shut_down
 from llmroute_sidecar.simulator.fakes import (
     Fail,
     FakeProvider,
@@ -972,6 +972,19 @@ async def test_e6_requests_beyond_max_in_flight_are_shed_in_the_callers_dialect(
     assert counter(metrics, "llmroute_load_shed_total", reason="in-flight") == 1
 
 
+async def trickling_upload(url: str, state: SidecarState, size: int) -> asyncio.StreamWriter:
+    """An upload declaring `size` bytes that sends one: it holds `size` bytes of the cap until closed."""
+    host, port = url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {ANTHROPIC} HTTP/1.1\r\nHost: s\r\nContent-Length: {size}\r\n\r\n{{".encode())
+    await writer.drain()
+    deadline = time.monotonic() + 2
+    while state.buffered_bytes < size:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    return writer
+
+
 async def test_e6_request_bodies_held_at_once_are_capped_but_one_is_always_admitted(
     fakes: tuple[FakeProvider, FakeProvider],
 ) -> None:
@@ -980,16 +993,7 @@ async def test_e6_request_bodies_held_at_once_are_capped_but_one_is_always_admit
     async with sidecar(document(primary, fallback), max_buffered_bytes=4000, body_timeout=5) as (url, state):
         status, _, _ = await post(url, ANTHROPIC, big)  # larger than the cap, but alone: admitted
         assert status == 200
-        host, port = url.removeprefix("http://").split(":")
-        _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(  # an upload holding 3000 bytes of the cap while it trickles in
-            f"POST {ANTHROPIC} HTTP/1.1\r\nHost: s\r\nContent-Length: 3000\r\n\r\n{{".encode()
-        )
-        await writer.drain()
-        deadline = time.monotonic() + 2
-        while state.buffered_bytes < 3000:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        writer = await trickling_upload(url, state, 3000)
         status, headers, body = await post(url, ANTHROPIC, anthropic_body(messages=[{"role": "user", "content": "y" * 1500}]))
         assert status == 529 and error_type(ANTHROPIC, body) == "overloaded_error"
         small, _, _ = await post(url, ANTHROPIC, anthropic_body())  # fits beside it
@@ -1026,14 +1030,7 @@ async def test_e6_chunked_bodies_count_against_the_cap_as_they_arrive(
     big = anthropic_body(messages=[{"role": "user", "content": "x" * 5000}])
     async with sidecar(document(primary, fallback), max_buffered_bytes=4000, body_timeout=5) as (url, state):
         assert (await post_chunked(url, ANTHROPIC, big))[0] == 200  # alone: admitted whatever its size
-        host, port = url.removeprefix("http://").split(":")
-        _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(f"POST {ANTHROPIC} HTTP/1.1\r\nHost: s\r\nContent-Length: 3000\r\n\r\n{{".encode())
-        await writer.drain()
-        deadline = time.monotonic() + 2
-        while state.buffered_bytes < 3000:  # the trickling upload holds 3000 bytes of the cap
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        writer = await trickling_upload(url, state, 3000)
         status, headers, body = await post_chunked(url, ANTHROPIC, big)
         assert status == 529 and error_type(ANTHROPIC, body) == "overloaded_error"
         assert headers["x-should-retry"] == "true" and headers["llmroute-shed-reason"] == "overloaded"

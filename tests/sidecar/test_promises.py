@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,6 @@ ROUTE = "/v1/routes/summarize"
 ANTHROPIC = "/anthropic/v1/messages"
 SHORT = {"budget": "300ms", "backoff": {"initial": "20ms", "max": "50ms"}, "attemptTimeout": "2s"}
 
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeProvider, FakeProvider]]:
-    async with FakeProvider("claude") as primary, FakeProvider("gpt") as fallback:
-        yield primary, fallback
 
 
 async def post(

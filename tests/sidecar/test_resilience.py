@@ -32,11 +32,6 @@ CLAUDE_API = "k8w3r06qmzrp"  # "Claude API (api.anthropic.com)" on status.claude
 # ----- helpers -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeProvider, FakeProvider]]:
-    async with FakeProvider("claude") as primary, FakeProvider("gpt") as fallback:
-        yield primary, fallback
-
 
 @pytest.fixture
 async def status_page() -> AsyncIterator[FakeStatusPage]:

@@ -11,20 +11,14 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
-from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Reply
+from llmroute_sidecar.simulator.fakes import Fail, Reply
 
 from .harness import policy_document, running_sidecar
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-async def fakes():
-    async with FakeProvider("claude") as primary, FakeProvider("gpt") as fallback:
-        yield primary, fallback
 
 
 async def test_malformed_json_is_a_400_never_forwarded(fakes):

@@ -34,6 +34,9 @@ API_VERSION = "llmroute.dev/v1alpha1"
 KIND = "LLMRoutePolicy"
 SANE_BUDGET = (4.0, 12.0)
 DEFAULT_ATTEMPT_TIMEOUT = 30.0
+THINKING_FIRST_TOKEN_TIMEOUT = 300.0
+"""The least a streamed attempt waits for its first content when the request asks for extended thinking
+or reasoning: the model thinks (minutes, legitimately) before it writes a word the app can see."""
 SLOWEST_TOKENS_PER_SECOND = 25.0
 """A slow but healthy generation rate: a plain (non-streaming) answer's headers only come once all of it
 is generated, so an unset `attemptTimeout` grows with `max_tokens` at this rate (HOSTILE.md U3)."""
@@ -58,6 +61,9 @@ Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a
 ProviderType = Literal["anthropic", "openai", "gemini"]
 Strategy = Literal["retryAndShed", "failover", "hotHot", "quorum"]
 RetryCondition = Annotated[int | Literal["timeout", "connection"], Field(union_mode="left_to_right")]
+FallbackClass = Literal["context-window", "content-policy"]
+"""Client errors a route may send to the next target instead of back to the app (`fallbackOn`)."""
+DEFAULT_FALLBACK_ON: tuple[FallbackClass, ...] = ("context-window",)
 
 DEFAULT_RETRY_ON: tuple[int | Literal["timeout", "connection"], ...] = (
     429, 500, 502, 503, 504, 529, "timeout", "connection",
@@ -172,13 +178,16 @@ class Target(Model):
     degraded: bool = False
     """Answers from this target are marked degraded (header, field and notice)."""
     validate_: Validate | None = Field(default=None, alias="validate")
+    context_window: int | None = Field(default=None, ge=1)
+    """The model's context window in tokens. After a context-window error, the route moves on to a
+    target that declares a larger one (targets declaring one no larger are skipped)."""
 
 
 class Backoff(Model):
     """Exponential backoff between attempts on the same target."""
 
-    initial: Duration = 0.25
-    max: Duration = 2.0
+    initial: Duration = 0.5
+    max: Duration = 4.0
     multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
     jitter: Literal["full", "equal", "none"] = "full"
 
@@ -216,7 +225,23 @@ class Route(Model):
     and for a non-streaming call at least max_tokens / 25 per second (a long plain answer legitimately
     takes minutes before its first byte)."""
     fallback_retries: int = Field(default=1, ge=0, le=5)
-    """Extra attempts each fallback target gets, within what remains of the deadline."""
+    """Extra attempts each fallback target gets, within what remains of the deadline. The last target
+    that can take the request gets up to maxAttempts (nothing is left to fail over to); 0 turns every
+    fallback retry off."""
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    """Upstream attempts one request may make on one target: the primary's retries stop there (or at the
+    budget, whichever comes first), then the request sheds."""
+    first_token_timeout: Duration = 15.0
+    """A streamed attempt that has produced no content by then fails over like any failed attempt.
+    Requests that ask for extended thinking or reasoning wait at least 5m (their first token
+    legitimately takes minutes)."""
+    stall_timeout: Duration = 30.0
+    """A committed stream that brings no new content for this long (pings and empty events do not
+    count) resumes where it can, or ends with the dialect's error event."""
+    fallback_on: list[FallbackClass] = Field(default_factory=lambda: list(DEFAULT_FALLBACK_ON), max_length=2)
+    """Client errors that move to the next target instead of going back to the app: `context-window`
+    (the prompt is too long for the model; default) and `content-policy` (a safety system refused the
+    request or the answer; never a default: routing around it is a product decision)."""
     targets: list[Target] = Field(min_length=1, max_length=16)
     degraded_notice: str | None = None
     quorum: Quorum | None = None
@@ -234,6 +259,10 @@ class Route(Model):
         if stream or not max_tokens:
             return DEFAULT_ATTEMPT_TIMEOUT
         return max(DEFAULT_ATTEMPT_TIMEOUT, max_tokens / SLOWEST_TOKENS_PER_SECOND)
+
+    def first_token_limit(self, reasoning: bool) -> float:
+        """How long a streamed attempt may go without content before it fails over."""
+        return max(self.first_token_timeout, THINKING_FIRST_TOKEN_TIMEOUT) if reasoning else self.first_token_timeout
 
 
 class RetryBudget(Model):
@@ -437,6 +466,39 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def _without_invalid_fields(raw_spec: Any, error: ValidationError, passes: int = 4) -> PolicySpec | None:
+    """The spec with every field pydantic refused left out (defaults in their place), so the cross-field
+    checks can still report their problems in the same run (`llmroute validate` lists every mistake it
+    can find, not the first). None when leaving fields out cannot make it valid (a required field)."""
+    import copy
+
+    spec = copy.deepcopy(raw_spec)
+    for _ in range(passes):
+        for problem in error.errors():
+            if problem["type"] == "missing" or not _drop(spec, tuple(problem["loc"])):
+                return None
+        try:
+            return PolicySpec.model_validate(spec)
+        except ValidationError as again:
+            error = again
+    return None
+
+
+def _drop(document: Any, loc: tuple[int | str, ...]) -> bool:
+    """Remove the mapping key at `loc` (list items stay: removing one would renumber the paths)."""
+    parent = document
+    path = [part for part in loc if not (isinstance(part, str) and ("[" in part or "(" in part))]
+    for part in path[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(parent, dict) and path and path[-1] in parent:
+        del parent[path[-1]]
+        return True
+    return False
+
+
 def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
     """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError."""
     if not isinstance(document, Mapping):
@@ -459,9 +521,11 @@ def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
     try:
         spec = PolicySpec.model_validate(raw_spec)
     except ValidationError as exc:
-        raise PolicyError(
-            [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
-        ) from None
+        problems = [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+        rest = _without_invalid_fields(raw_spec, exc)
+        if rest is not None:
+            problems += [p for p in _semantic_problems(rest)[0] if p not in problems]
+        raise PolicyError(problems) from None
     errors, warnings = _semantic_problems(spec)
     if errors:
         raise PolicyError(errors)

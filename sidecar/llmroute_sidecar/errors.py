@@ -7,11 +7,16 @@
     ├── UpstreamError         one attempt on one target failed. The subclass is the routing decision:
     │   ├── RetryableError    transient (429, 5xx, 529, timeout, connection, garbage 200, an error event
     │   │                     before the first token): retry the same target within budget, then shed.
-    │   ├── FailoverError     this target cannot answer this request now (quota gone, 429 without
-    │   │                     retry-after, failed quality check, untranslatable request, open circuit):
-    │   │                     no retry, go straight to the next target.
+    │   ├── FailoverError     this target cannot answer this request now (quota gone, failed quality
+    │   │   │                 check, untranslatable request, open circuit): no retry, go straight to
+    │   │   │                 the next target.
+    │   │   └── RateLimited   a 429 with no hint of when to come back: fail over at once, but retried
+    │   │                     with backoff on the last target that can take the request.
     │   └── ClientError       the provider refused the request itself (4xx other than 429): it goes back
-    │                         to the app as the provider sent it; no fallback, no retry.
+    │       │                 to the app as the provider sent it; no fallback, no retry. Except the
+    │       │                 classes a route's `fallbackOn` names, which move to the next target:
+    │       ├── ContextWindowExceeded   the prompt is too long for this model (`context-window`);
+    │       └── ContentRefused          a safety system refused the request (`content-policy`).
     └── StreamBroken          the upstream failed after the first byte reached the app (committed): the
                               only honest move is a provider-format error event, never a silent end.
 
@@ -83,8 +88,27 @@ class FailoverError(UpstreamError):
     """The target cannot answer this request now: skip to the next target without retrying."""
 
 
+class RateLimited(FailoverError):
+    """A 429 without `retry-after`: the next target may well answer now; with none left, back off."""
+
+
 class ClientError(UpstreamError):
     """The provider refused the request itself: return it to the app, no fallback."""
+
+    fallback_class: str | None = None
+    """The `fallbackOn` class that lets this error move to the next target (None: never)."""
+
+
+class ContextWindowExceeded(ClientError):
+    """The prompt does not fit this model's context window; a larger one may take it as it is."""
+
+    fallback_class = "context-window"
+
+
+class ContentRefused(ClientError):
+    """A content-policy or safety system refused the request; another provider's might not."""
+
+    fallback_class = "content-policy"
 
 
 class StreamBroken(LLMRouteError):

@@ -233,7 +233,7 @@ def create_app(
         upstreams = Upstreams(status_relay, statuspage_min_interval)
         telemetry = Telemetry(tracer_provider)
         board = upstreams.status
-        engine = Engine(telemetry, board.shed_share, idle_timeout=idle)
+        engine = Engine(telemetry, board, idle_timeout=idle)
         state = SidecarState(upstreams, telemetry, engine, policy_path)
         state.max_in_flight = max(1, int(in_flight))
         state.max_buffered_bytes = max(1, int(buffered))

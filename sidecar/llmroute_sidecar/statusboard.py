@@ -12,6 +12,13 @@ latest shedding reading (partial -> major escalates at once). A 304 is a usable 
 unchanged). Unusable readings are *no information*: they neither count towards nor reset either streak,
 but after `FAIL_OPEN_AFTER` consecutive unusable readings any shed is dropped and the streaks reset
 (fail open: a dead page must not keep a shed forever).
+
+Evidence beats the page (pages lag real incidents by minutes, both ways): while a provider is shed
+entirely, the engine still sends it one probe per `probeInterval` (`probe()`, one per provider across
+every request; the first one `probeInterval` after the shed began). `PROBES_TO_RECOVER` consecutive
+successful probes end the shedding for that provider before its page recovers (`shed_share()` answers 0
+and `/status` shows `overriddenByProbes`); a failed probe resets the count. The override lasts until the
+page itself stops shedding; meanwhile the circuit breaker guards the provider as it does any other.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ log = logging.getLogger(__name__)
 
 FAIL_OPEN_AFTER = 3
 """Consecutive unusable polls after which a provider stops shedding (fail open)."""
+PROBES_TO_RECOVER = 2
+"""Consecutive successful probes that end a status-page shed before the page recovers: one could be
+luck; two, a probe interval apart, say the provider answers again."""
 
 
 # ----- hysteresis ---------------------------------------------------------------------------------------
@@ -52,6 +62,22 @@ class _Watch:
         self.shedding_streak = 0
         self.clear_streak = 0
         self.unusable_streak = 0
+        self.shed_since: float | None = None
+        """When the current shed began (monotonic); None while not shedding."""
+        self.next_probe = 0.0
+        self.probe_successes = 0
+        self.overridden = False
+        """Probes answered: the shed is over for this provider though the page still says otherwise."""
+
+    def settle(self, now: float) -> None:
+        """After a reading: start the shed's probe clock, or forget the probes once the shed is over."""
+        if self.share > 0 and self.shed_since is None:
+            self.shed_since = now
+            self.next_probe = 0.0
+        elif self.share == 0 and self.shed_since is not None:
+            self.shed_since = None
+            self.probe_successes = 0
+            self.overridden = False
 
     def same_rules(self, page: StatusPage) -> bool:
         old = self.page
@@ -207,8 +233,10 @@ class StatusBoard:
             poller.start()
 
     def _observe(self, key: str, reading: Reading) -> None:
+        now = self._clock()
         for watch in self._by_key.get(key, ()):
             watch.observe(reading)
+            watch.settle(now)
 
     # -- the request path
     def shed_share(self, provider_name: str) -> tuple[float, str | None]:
@@ -216,7 +244,36 @@ class StatusBoard:
         watch = self._watches.get(provider_name)
         if watch is None:
             return 0.0, None
-        return watch.share, watch.state
+        return (0.0 if watch.overridden else watch.share), watch.state
+
+    def probe(self, provider_name: str, interval: float) -> bool:
+        """May this request probe a provider its page sheds? One per `interval` per provider (jittered),
+        the first one `interval` after the shed began."""
+        watch = self._watches.get(provider_name)
+        if watch is None or watch.shed_since is None or watch.overridden:
+            return False
+        now = self._clock()
+        if not watch.next_probe:
+            watch.next_probe = watch.shed_since + interval
+        if now < watch.next_probe:
+            return False
+        watch.next_probe = now + interval * self._rng.uniform(0.8, 1.2)
+        return True
+
+    def probe_result(self, provider_name: str, ok: bool) -> None:
+        """A probe's outcome: `PROBES_TO_RECOVER` successes in a row end the shed; a failure resets."""
+        watch = self._watches.get(provider_name)
+        if watch is None or watch.shed_since is None or watch.overridden:
+            return
+        watch.probe_successes = watch.probe_successes + 1 if ok else 0
+        if watch.probe_successes >= PROBES_TO_RECOVER:
+            watch.overridden = True
+            log.warning(
+                "provider %s: %d probes answered; traffic returns although its status page still says %s",
+                provider_name,
+                watch.probe_successes,
+                watch.state,
+            )
 
     def levels(self) -> dict[str, int]:
         """Provider -> level (0..3) of its page's latest usable reading; 0 before one arrives."""
@@ -253,7 +310,9 @@ class StatusBoard:
                 "reportedState": reading.state if reading else None,
                 "level": poller.last_good.level if poller and poller.last_good else 0,
                 "usable": reading.usable if reading else None,
-                "shedding": watch.share,
+                "shedding": 0.0 if watch.overridden else watch.share,
+                "overriddenByProbes": watch.overridden,
+                "probeSuccesses": watch.probe_successes,
                 "lastPoll": iso_time(poller.last_poll_wall) if poller else None,
                 "lastGoodPoll": iso_time(poller.last_good_wall) if poller else None,
                 "lastError": poller.last_error if poller else None,

@@ -1,7 +1,8 @@
 """Strategies: which targets a request tries, in what order, and when it gives up.
 
-    retryAndShed (default)  retry the primary with full-jitter backoff until the route's `budget`,
-                            then shed to the fallbacks in order, each with its own prompt and model.
+    retryAndShed (default)  retry the primary with full-jitter backoff until the route's `budget` or
+                            its `maxAttempts`, then shed to the fallbacks in order, each with its own
+                            prompt and model.
     failover                hot-cold: one attempt on the primary, then the fallbacks.
     hotHot                  spread requests by recent health (opt-in: outputs vary between targets).
     quorum                  every request calls several targets in parallel (see `quorum` below).
@@ -10,12 +11,17 @@ Any strategy may also run a `quorum` block for a sampled share of requests (para
 first|best`) or hedge (`hedgeAfter`: start the next target only when the first is slow to first byte).
 
 Rules every strategy keeps:
-- a client error from the primary goes back to the app; nothing else is tried;
+- a client error from the primary goes back to the app; nothing else is tried, unless the route's
+  `fallbackOn` names its class (`context-window` by default: a larger model may take the prompt as it is);
 - shedding skips the primary without spending anything on it: status page in outage, open circuit;
+  one probe per `probeInterval` still tests a provider its status page sheds (evidence beats the page);
+- no target gets more than `maxAttempts` upstream calls in one request; the last target that can take
+  the request is retried (a 429 without `retry-after` included) within the deadline;
 - retries spend the provider's retry budget; SDK retries get no retries of ours ("don't retry retries");
 - no sleep runs past the budget; no retry starts after the route's deadline (each fallback still gets
   its first attempt); no attempt at all starts after the client's own deadline (its timeout hint);
-- a stream commits at its first content event; everything before that can still fail over.
+- a stream commits at its first content event; everything before that can still fail over, and an
+  attempt with no content within `firstTokenTimeout` fails like any other.
 """
 
 from __future__ import annotations
@@ -26,16 +32,29 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from .errors import ClientError, FailoverError, LLMRouteError, RetryableError, UpstreamError
+from .errors import ClientError, FailoverError, LLMRouteError, RateLimited, RetryableError, UpstreamError
 from .messages import ChatRequest, ChatResponse, is_content
 from .providers.base import AttemptTimeouts, StreamFrame
 from .runtime import CompiledRoute, CompiledTarget
 from .telemetry import Telemetry
 
-ShedReason = str  # status-page | budget-exhausted | retry-budget | circuit-open | primary-error | quorum | hedge
+ShedReason = str
+"""status-page | budget-exhausted | retry-budget | circuit-open | primary-error | context-window |
+content-policy | quorum | hedge"""
+
+
+class StatusView(Protocol):
+    """What the engine asks of the status board (statusboard.py): shed shares, and probes of shed providers."""
+
+    def shed_share(self, provider_name: str) -> tuple[float, str | None]: ...
+
+    def probe(self, provider_name: str, interval: float) -> bool: ...
+
+    def probe_result(self, provider_name: str, ok: bool) -> None: ...
 
 
 @dataclass(slots=True)
@@ -99,6 +118,10 @@ class Call:
     """The request's server span: the parent of every attempt span."""
     streamed: list[str] | None = None
     """The text streamed to the app, kept only when the route records content."""
+    page_probes: set[str] = field(default_factory=set)
+    """Targets this call tries as the probe of a provider its status page sheds."""
+    too_small: int | None = None
+    """After a context-window error: the window (tokens; 0 if undeclared) that was too small."""
 
 
 class GaveUp(LLMRouteError):
@@ -118,17 +141,19 @@ seconds; stalls of 50-70 s that recover are reported, so not less than that in p
 class Engine:
     """Runs calls with the strategies of their route.
 
-    `idle_timeout`: the longest upstream silence between two reads of a stream (and, for a plain call,
-    while its body arrives after the headers); never longer than the client's own deadline."""
+    `status`: the status board (shed shares, probes of shed providers). `idle_timeout`: the longest
+    upstream silence between two reads of a stream (and, for a plain call, while its body arrives after
+    the headers); never longer than the client's own deadline."""
 
     def __init__(
         self,
         telemetry: Telemetry,
-        shed_share: Callable[[str], tuple[float, str | None]],
+        status: StatusView,
         idle_timeout: float = STREAM_IDLE_TIMEOUT,
     ) -> None:
         self.telemetry = telemetry
-        self._shed_share = shed_share
+        self.status = status
+        self._shed_share = status.shed_share
         self.idle_timeout = idle_timeout
 
     async def run(self, call: Call) -> Answer:
@@ -147,7 +172,7 @@ class Engine:
     # ----- ordered strategies: retryAndShed, failover, hotHot -----------------------------------------
     async def _ordered(self, call: Call, targets: list[CompiledTarget], retry_primary: bool) -> Answer:
         primary, fallbacks = targets[0], targets[1:]
-        reason = self._skip_reason(primary)
+        reason = self._skip_reason(call, primary)
         if reason is not None and fallbacks:
             call.shed_reason = reason
             call.attempts.append(AttemptRecord(primary.name, "skipped", 0, reason))
@@ -155,42 +180,67 @@ class Engine:
             if not call.sdk_retry:
                 primary.budget.deposit()
             retries = retry_primary and not call.sdk_retry
-            answer = await self._try_target(call, primary, call.budget_deadline, retries, primary=True)
+            last = all(self._blocked(t) for t in fallbacks)
+            answer = await self._try_target(call, primary, call.budget_deadline, retries, primary=True, last=last)
             if answer is not None:
                 return answer
             call.shed_reason = call.shed_reason or "primary-error"
-        for target in fallbacks:
-            reason = self._skip_reason(target)
+        for position, target in enumerate(fallbacks):
+            if not _fits(target, call.too_small):
+                call.attempts.append(AttemptRecord(target.name, "skipped", 0, "context-window"))
+                continue
+            reason = self._skip_reason(call, target)
             if reason is not None and target is not fallbacks[-1]:
                 call.attempts.append(AttemptRecord(target.name, "skipped", 0, reason))
                 continue
             retries = call.route.spec.fallback_retries > 0 and not call.sdk_retry
-            answer = await self._try_target(call, target, call.deadline, retries, primary=False)
+            last = all(self._blocked(t) or not _fits(t, call.too_small) for t in fallbacks[position + 1 :])
+            answer = await self._try_target(call, target, call.deadline, retries, primary=False, last=last)
             if answer is not None:
                 return answer
         raise GaveUp(call.primary_error or call.last_error, call.shed_reason)
 
-    def _skip_reason(self, target: CompiledTarget) -> ShedReason | None:
-        """Shed before spending anything: a confirmed status-page outage, or an open circuit."""
-        share, _state = self._shed_share(target.provider.name)
+    def _skip_reason(self, call: Call, target: CompiledTarget) -> ShedReason | None:
+        """Shed before spending anything: a confirmed status-page outage, or an open circuit.
+
+        Status pages lag real incidents by minutes both ways, so a provider the page sheds entirely still
+        gets one probe per `probeInterval` (across every request: `StatusBoard.probe`); enough successful
+        probes end the shedding before the page recovers."""
+        provider = target.provider.name
+        share, _state = self._shed_share(provider)
         if share > 0 and (share >= 1 or random.random() < share):
+            if share >= 1 and self.status.probe(provider, target.health.probe_interval):
+                call.page_probes.add(target.name)
+                return None
             return "status-page"
         if not target.health.allow():
             return "circuit-open"
         return None
 
+    def _blocked(self, target: CompiledTarget) -> bool:
+        """Would a request skip this target now (without drawing a probe or a partial-shed share)?"""
+        return target.health.state == "open" or self._shed_share(target.provider.name)[0] >= 1
+
     async def _try_target(
-        self, call: Call, target: CompiledTarget, until: float, retries: bool, primary: bool
+        self, call: Call, target: CompiledTarget, until: float, retries: bool, primary: bool, last: bool = False
     ) -> Answer | None:
         """Attempts on one target; None when the caller should move on to the next target.
 
         Between attempts it backs off (full jitter, `retry-after` honoured within `until`). A retry is
         skipped without a call or a budget token when another request failed on the target after my last
         attempt (coalescing, see health.py); retrying stops once the target's circuit opens or its status
-        page confirms an outage, and when the provider's retry budget cannot pay for another attempt."""
-        backoff = call.route.spec.backoff
-        retry_on = call.route.spec.retry_on
-        max_steps = 1 + (call.route.spec.fallback_retries if not primary else 1_000)
+        page confirms an outage, and when the provider's retry budget cannot pay for another attempt.
+
+        At most `maxAttempts` upstream calls; a fallback gets `1 + fallbackRetries` of them, unless it is
+        the `last` target that can take the request: with nowhere left to go, it gets `maxAttempts`, and
+        a 429 without `retry-after` (which otherwise fails over at once) is retried too."""
+        spec = call.route.spec
+        backoff = spec.backoff
+        retry_on = spec.retry_on
+        if primary or (last and spec.fallback_retries > 0):
+            max_tries = spec.max_attempts
+        else:
+            max_tries = min(1 + spec.fallback_retries, spec.max_attempts)
         step = 0  # backoff steps taken, coalesced ones included
         tries = 0  # upstream calls made on this target by this request
         last_end = -1.0
@@ -218,6 +268,17 @@ class Engine:
                 try:
                     return await self._attempt(call, target, tries)
                 except ClientError as exc:
+                    if exc.fallback_class is not None and exc.fallback_class in spec.fallback_on:
+                        # Not this target's to answer (too long for its model; refused by its safety
+                        # system, where the policy allows routing around that): the next target, no retry.
+                        if primary or call.shed_reason is None:
+                            call.shed_reason = exc.fallback_class
+                        if exc.fallback_class == "context-window":
+                            call.too_small = max(call.too_small or 0, target.spec.context_window or 0)
+                        if primary:
+                            call.primary_error = exc
+                        call.last_error = exc
+                        return None
                     if primary:
                         raise  # the app's request is wrong: it goes back as the provider sent it
                     call.last_error = exc  # a fallback refusing its translation: try the next one
@@ -229,12 +290,17 @@ class Engine:
                     call.last_error = exc
                 tries += 1
                 last_end = time.monotonic()
-                if isinstance(error, FailoverError) or not isinstance(error, RetryableError):
+                rate_limited_here = last and isinstance(error, RateLimited)
+                if not (isinstance(error, RetryableError) or rate_limited_here):
                     return None
                 if error.condition not in retry_on or not retries:
                     return None
+                if tries >= max_tries:
+                    if primary:
+                        call.shed_reason = call.shed_reason or "budget-exhausted"
+                    return None
             step += 1
-            if step >= max_steps or not self._keep_retrying(call, target, primary):
+            if not self._keep_retrying(call, target, primary):
                 return None
             wait = _backoff(backoff.initial, backoff.max, backoff.multiplier, backoff.jitter, step)
             hinted = error.retry_after if error is not None and not coalesced else None
@@ -289,6 +355,9 @@ class Engine:
             first_byte=min(call.route.spec.first_byte_timeout(call.stream, request.max_tokens), left),
             idle=min(self.idle_timeout, left),
         )
+        first_token = min(call.route.spec.first_token_limit(asks_for_reasoning(request)), left)
+        if call.route.spec.attempt_timeout is not None:  # an explicit attempt timeout covers first content too
+            first_token = min(first_token, call.route.spec.attempt_timeout)
         with self.telemetry.attempt_span(call.span, target, model, step, call.stream) as span:
             try:
                 reason = target.adapter.untranslatable(request)
@@ -297,7 +366,7 @@ class Engine:
                         f"cannot translate for {target.provider.type}: {reason}", condition="untranslatable"
                     )
                 if call.stream:
-                    stream = await _open_stream(target, request, model, timeouts)
+                    stream = await _open_stream(target, request, model, timeouts, first_token)
                     answer = Answer(target, stream=stream)
                 else:
                     response = await target.adapter.complete(request, model, timeouts)
@@ -319,10 +388,17 @@ class Engine:
                 call.attempts.append(AttemptRecord(target.name, status, _ms(started), exc.label))
                 if isinstance(exc, RetryableError):
                     target.health.record_failure(elapsed)
+                if target.name in call.page_probes:
+                    call.page_probes.discard(target.name)
+                    if not isinstance(exc, ClientError):  # a refused request says nothing of health
+                        self.status.probe_result(target.provider.name, False)
                 self.telemetry.attempt(call.route.name, target, _result(exc))
                 span.fail(_error_type(exc))
                 raise
         target.health.record_success(time.monotonic() - started)
+        if target.name in call.page_probes:
+            call.page_probes.discard(target.name)
+            self.status.probe_result(target.provider.name, True)
         call.attempts.append(AttemptRecord(target.name, "ok", _ms(started)))
         self.telemetry.attempt(call.route.name, target, "ok")
         return answer
@@ -346,7 +422,7 @@ class Engine:
         targets = call.route.quorum_targets
         usable: list[CompiledTarget] = []
         for target in targets:
-            reason = self._skip_reason(target)
+            reason = self._skip_reason(call, target)
             if reason is None:
                 usable.append(target)
             else:
@@ -384,7 +460,7 @@ class Engine:
                     exc = task.exception()
                     if exc is None:
                         winners[tasks[task].index] = task.result()
-                    elif isinstance(exc, ClientError) and tasks[task].index == 0:
+                    elif isinstance(exc, ClientError) and tasks[task].index == 0 and not _falls_over(call, exc):
                         # The app's request is wrong: it goes back as the provider sent it, whatever
                         # another target made of it (CONTRACT §3: no fallback on a client error).
                         await self._discard_all(winners.values())
@@ -453,7 +529,7 @@ class Engine:
                             elif len(tasks) > 1:
                                 self.telemetry.quorum(call.route.name, "hedge-win")
                             return answer
-                        if isinstance(exc, ClientError) and tasks[finished].index == 0:
+                        if isinstance(exc, ClientError) and tasks[finished].index == 0 and not _falls_over(call, exc):
                             raise exc
                         self._note_error(call, tasks[finished], exc)
                     if not pending:
@@ -464,24 +540,64 @@ class Engine:
 
 
 async def _open_stream(
-    target: CompiledTarget, request: ChatRequest, model: str, timeouts: AttemptTimeouts
+    target: CompiledTarget, request: ChatRequest, model: str, timeouts: AttemptTimeouts, first_token: float
 ) -> LiveStream:
-    """Open a stream and read it up to its first content event: that is where the answer commits."""
+    """Open a stream and read it up to its first content event: that is where the answer commits. The
+    response headers must come within the attempt timeout, the first content within `first_token`
+    (pings and empty events do not count)."""
     frames = target.adapter.stream(request, model, timeouts)
     head: list[StreamFrame] = []
     try:
-        async with asyncio.timeout(timeouts.first_byte):
+        async with asyncio.timeout(first_token):
             async for frame in frames:
                 head.append(frame)
                 if any(is_content(event) for event in frame.events):
                     break
     except TimeoutError:
         await frames.aclose()
-        raise RetryableError("no content before the attempt timeout", condition="timeout") from None
+        raise RetryableError(
+            f"no content within the first-token limit ({first_token:g}s)", condition="timeout"
+        ) from None
     except BaseException:
         await frames.aclose()
         raise
     return LiveStream(head, frames, request, model)
+
+
+def _fits(target: CompiledTarget, too_small: int | None) -> bool:
+    """May this target take a prompt that was too long for a `too_small`-token window? Unknown windows
+    (undeclared on either side) are tried; a declared one must be larger."""
+    window = target.spec.context_window
+    return too_small is None or not too_small or window is None or window > too_small
+
+
+def _falls_over(call: Call, error: ClientError) -> bool:
+    """Does the route's `fallbackOn` send this client error to the next target?"""
+    return error.fallback_class is not None and error.fallback_class in call.route.spec.fallback_on
+
+
+def asks_for_reasoning(request: ChatRequest) -> bool:
+    """Does the request ask for extended thinking or reasoning (its first token may take minutes)?
+    Anthropic `thinking`, OpenAI `reasoning_effort` / `reasoning`, Gemini `thinkingConfig`, whether the
+    app sent it or a target's `params` set it."""
+    bodies: list[Mapping[str, Any]] = [request.extra]
+    if request.native is not None:
+        bodies.append(request.native.body)
+    for body in bodies:
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type", "disabled") != "disabled":
+            return True
+        effort = body.get("reasoning_effort")
+        if isinstance(effort, str) and effort not in ("none", "minimal"):
+            return True
+        reasoning = body.get("reasoning")
+        if isinstance(reasoning, dict) and reasoning.get("effort", "medium") not in ("none", "minimal"):
+            return True
+        config = body.get("generationConfig")
+        gemini = body.get("thinkingConfig") or (config.get("thinkingConfig") if isinstance(config, dict) else None)
+        if isinstance(gemini, dict) and gemini.get("thinkingBudget", -1) != 0:
+            return True
+    return False
 
 
 def _selected(quorum: object, headers: Mapping[str, str]) -> bool:

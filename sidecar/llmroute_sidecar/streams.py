@@ -7,18 +7,24 @@ half-finished answer, so it is off the table. An upstream break then has two hon
   option `resumeStreams`, default on; not after a tool call began);
 - or raise `StreamBroken`, which the endpoint turns into the dialect's error event so the SDK raises
   instead of returning a truncated message as if it were complete.
+
+A stream that brings no new content for the route's `stallTimeout` (30 s) is broken too, even while
+bytes flow: keep-alive pings and empty events are not content, so a stream of pings alone ends. When the
+request asks for extended thinking or reasoning, the model's thinking (which has no neutral form) may
+legitimately fill long stretches between content: its stall limit is the first-token limit instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator
 
-from .errors import StreamBroken, UpstreamError
-from .messages import ChatRequest, StreamEvent, StreamStart, TextDelta, ToolCallDelta, ToolCallStart
+from .errors import RetryableError, StreamBroken, UpstreamError
+from .messages import ChatRequest, StreamEvent, StreamStart, TextDelta, ToolCallDelta, ToolCallStart, is_content
 from .providers.base import StreamFrame
-from .strategies import Answer, AttemptRecord, Call, Engine, LiveStream
+from .strategies import Answer, AttemptRecord, Call, Engine, LiveStream, asks_for_reasoning
 
 MAX_RESUMES = 2
 
@@ -43,10 +49,25 @@ async def follow(answer: Answer, call: Call, engine: Engine) -> AsyncGenerator[t
     pending_space = ""
     frames: AsyncGenerator[StreamFrame, None] = _replay(live)
     resumes = 0
+    spec = call.route.spec
+    stall = spec.stall_timeout
+    if asks_for_reasoning(live.request):
+        stall = max(stall, spec.first_token_limit(True))
+    clock = asyncio.get_running_loop().time
     try:
         while True:
             try:
-                async for frame in frames:
+                last_content = clock()
+                while True:
+                    try:
+                        async with asyncio.timeout_at(last_content + stall):
+                            frame = await anext(frames)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise RetryableError(
+                            f"no new content for {stall:g}s (stall limit)", condition="timeout"
+                        ) from None
                     if resumed:
                         frame, pending_space = _continuation(frame, pending_space)
                     for event in frame.events:
@@ -54,8 +75,9 @@ async def follow(answer: Answer, call: Call, engine: Engine) -> AsyncGenerator[t
                             text.append(event.text)
                         elif isinstance(event, ToolCallStart | ToolCallDelta):
                             saw_tool_call = True
+                        if is_content(event):
+                            last_content = clock()
                     yield frame, resumed
-                return
             except UpstreamError as exc:
                 target.health.record_failure(0.0)
                 call.attempts.append(AttemptRecord(target.name, "broken", 0, exc.label))

@@ -97,7 +97,8 @@ async def test_retry_budget_stops_a_retry_storm(fakes):
         primary.url,
         fallback.url,
         spec={"retryBudget": {"ratio": 0.1, "minPerSecond": 0.5, "window": "10s"}},
-        route={"budget": "2s", "backoff": {"initial": "10ms", "max": "20ms"}},
+        # maxAttempts at its ceiling: the retry budget, not the per-request cap, is what binds here.
+        route={"budget": "2s", "backoff": {"initial": "10ms", "max": "20ms"}, "maxAttempts": 20},
     )
     async with running_sidecar(document) as (url, state):
         results = await asyncio.gather(*(post(url, variables={"text": str(i)}) for i in range(40)))

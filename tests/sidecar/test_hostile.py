@@ -826,17 +826,19 @@ async def test_u16_a_refusal_is_an_answer_not_a_failure(
     assert primary.count() == 2 and fallback.count() == 0
 
 
-async def test_u17_context_overflow_passes_through_without_fallback(
+async def test_u17_context_overflow_passes_through_without_fallback_when_fallbackon_leaves_it_out(
     fakes: tuple[FakeProvider, FakeProvider],
 ) -> None:
+    """By default a context-window error moves to the next target (`fallbackOn: [context-window]`,
+    test_conduct.py); a route whose `fallbackOn` leaves it out relays it, neither retried nor routed."""
     primary, fallback = fakes
     primary.script(Fail(400, message="prompt is too long: 250000 tokens > 200000 maximum"))
-    async with sidecar(document(primary, fallback)) as (url, _):
+    async with sidecar(document(primary, fallback, route={"fallbackOn": []})) as (url, _):
         async with anthropic.AsyncAnthropic(base_url=f"{url}/anthropic", api_key=APP_KEY) as client:
             with pytest.raises(anthropic.BadRequestError, match="prompt is too long"):
                 await client.messages.create(model="m", max_tokens=5, messages=USER)
     primary.script(Fail(400, code="context_length_exceeded", message="maximum context length is 128000 tokens"))
-    doc = document(primary, fallback, primary_type="openai", fallback_type="anthropic")
+    doc = document(primary, fallback, primary_type="openai", fallback_type="anthropic", route={"fallbackOn": []})
     async with sidecar(doc) as (url, _):
         async with openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=APP_KEY) as oclient:
             with pytest.raises(openai.BadRequestError) as caught:

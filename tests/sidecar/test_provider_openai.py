@@ -1076,15 +1076,30 @@ async def test_hang_before_headers_times_out() -> None:
     assert caught.value.condition == "timeout"
 
 
-async def test_stream_eof_without_done_is_retryable() -> None:
-    truncated = fixture("openai_chat_stream_include_usage.sse").split(b"data: [DONE]")[0]
+async def test_stream_eof_after_the_finish_reason_without_done_is_a_complete_answer() -> None:
+    """Several compatible servers omit `[DONE]`: the finish reason and usage arrived, the body ended
+    cleanly, so the answer is complete; the adapter adds the `[DONE]` frame the app's SDK expects."""
+    complete = fixture("openai_chat_stream_include_usage.sse").split(b"data: [DONE]")[0]
+    seen: list[StreamFrame] = []
+    async with serve(sse_handler(complete)) as (url, _), aiohttp.ClientSession() as session:
+        async for item in adapter_for(url, session).stream(request_for(True), "m", TIMEOUTS):
+            seen.append(item)
+    assert [e for f in seen for e in f.events][1:] == [
+        TextDelta("Hel"), TextDelta("lo"), StreamEnd("end_turn", Usage(12, 3))
+    ]
+    assert seen[-1].sse.data == "[DONE]"
+
+
+async def test_stream_eof_before_the_finish_reason_is_retryable() -> None:
+    truncated = fixture("openai_chat_stream_include_usage.sse").split(b'"finish_reason":"stop"')[0]
+    truncated = truncated[: truncated.rindex(b"\n\n") + 2]  # the whole events before the finish reason
     seen: list[StreamFrame] = []
     async with serve(sse_handler(truncated)) as (url, _), aiohttp.ClientSession() as session:
         with pytest.raises(RetryableError) as caught:
             async for item in adapter_for(url, session).stream(request_for(True), "m", TIMEOUTS):
                 seen.append(item)
     assert caught.value.condition == "connection"
-    assert [e for f in seen for e in f.events][1:] == [TextDelta("Hel"), TextDelta("lo")]
+    assert [e for f in seen for e in f.events][1:] == [TextDelta("Hel")]
 
 
 async def test_in_band_error_mid_stream_raises_with_the_error_body() -> None:

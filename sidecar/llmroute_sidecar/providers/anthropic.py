@@ -35,7 +35,7 @@ from ..messages import (
     Usage,
 )
 from ..sse import SseEvent
-from .base import Adapter, StreamDecoder
+from .base import Adapter, StreamDecoder, StreamFrame
 from .shared import generation_params, int_or_zero, str_or_empty
 
 DIALECT = "anthropic"
@@ -303,18 +303,29 @@ class AnthropicStreamDecoder(StreamDecoder):
     `StreamEnd` at `message_stop`, the only clean end.
     """
 
-    __slots__ = ("_adapter", "_cache_create", "_cache_read", "_done", "_input", "_output", "_stop", "_tools")
+    __slots__ = (
+        "_adapter", "_cache_create", "_cache_read", "_done", "_input", "_output", "_stop", "_stopped", "_tools",
+    )
 
     def __init__(self, adapter: Adapter) -> None:
         self._adapter = adapter
         self._tools: dict[int, int] = {}
         """Block index -> tool-call index."""
         self._stop: StopReason = "other"
+        self._stopped = False
+        """A `message_delta` carried the stop reason: the answer is complete."""
         self._input = self._cache_read = self._cache_create = self._output = 0
         self._done = False
 
     def finished(self) -> bool:
         return self._done
+
+    def end_of_body(self) -> StreamFrame | None:
+        """`message_delta` brought the stop reason: the message is complete without its `message_stop`."""
+        if self._done or not self._stopped:
+            return None
+        stop = SseEvent("message_stop", '{"type":"message_stop"}')
+        return StreamFrame(self.decode(stop), stop)
 
     def decode(self, event: SseEvent) -> list[StreamEvent]:
         kind: object = event.event
@@ -373,6 +384,7 @@ class AnthropicStreamDecoder(StreamDecoder):
         delta = data.get("delta")
         if isinstance(delta, dict) and delta.get("stop_reason") is not None:
             self._stop = _stop_in(delta["stop_reason"])
+            self._stopped = True
         self._count(data.get("usage"))
         return []
 

@@ -24,7 +24,15 @@ import aiohttp
 import orjson
 
 from ..durations import retry_after
-from ..errors import ClientError, FailoverError, RetryableError, UpstreamError
+from ..errors import (
+    ClientError,
+    ContentRefused,
+    ContextWindowExceeded,
+    FailoverError,
+    RateLimited,
+    RetryableError,
+    UpstreamError,
+)
 from ..keys import KeySource
 from ..messages import ChatRequest, ChatResponse, StreamEvent
 from ..policy import Provider
@@ -63,6 +71,13 @@ class StreamDecoder:
     def finished(self) -> bool:
         """True once the provider's terminal event was seen (a clean end of stream)."""
         raise NotImplementedError  # each adapter's decoder overrides this
+
+    def end_of_body(self) -> StreamFrame | None:
+        """The body ended cleanly without the terminal event. When the answer is complete all the same
+        (its stop reason arrived: several compatible servers omit OpenAI's `[DONE]`), the terminal frame
+        the provider would have sent, so the app gets a proper end and usage is recorded; None when
+        the answer is unfinished (a break)."""
+        return None
 
 
 class Adapter:
@@ -163,7 +178,11 @@ class Adapter:
                 if not chunk:
                     if decoder.finished():
                         return
-                    raise RetryableError("upstream connection lost mid-stream", condition="connection")
+                    tail = decoder.end_of_body()
+                    if tail is None:
+                        raise RetryableError("upstream connection lost mid-stream", condition="connection")
+                    yield tail
+                    return
                 for sse in parser.feed(chunk):
                     try:
                         events = decoder.decode(sse)
@@ -239,13 +258,15 @@ class Adapter:
             "content_type": content_type or None,
             "dialect": self.dialect if raw else None,
         }
-        # Quota gone, or a 429 with no hint of when to come back (Anthropic's spend cap): retrying
-        # this target only spins (HOSTILE.md U12), the next target may well answer.
-        if error_type in ("insufficient_quota", "billing_error") or (effective == 429 and wait is None):
+        # Quota gone: retrying this target only spins (HOSTILE.md U12), the next target may answer.
+        if error_type in ("insufficient_quota", "billing_error"):
             return FailoverError(message, **kwargs)
+        # A 429 with no hint of when to come back: the next target may well answer now.
+        if effective == 429 and wait is None:
+            return RateLimited(message, **kwargs)
         if effective in RETRYABLE_STATUSES or status >= 500:
             return RetryableError(message, **kwargs)
-        return ClientError(message, **kwargs)
+        return client_error_class(status, error_type, message)(message, **kwargs)
 
 
 class AppStreamEncoder:
@@ -286,6 +307,31 @@ class AppCodec:
     def error_body(self, status: int, error_type: str, message: str) -> dict[str, Any]:
         """The dialect's error envelope."""
         raise NotImplementedError  # provider-specific
+
+
+_CONTEXT_WINDOW_TYPES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_WINDOW_TEXT = re.compile(
+    r"prompt is too long"  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+    r"|exceed context limit"  # Anthropic: "input length and `max_tokens` exceed context limit: ..."
+    r"|maximum context length"  # OpenAI and compatible servers (vLLM): "This model's maximum context length is"
+    r"|context window"  # OpenAI Responses: "Your input exceeds the context window of this model"
+    r"|input token count .*exceeds the maximum number of tokens",  # Gemini INVALID_ARGUMENT
+    re.IGNORECASE,
+)
+_CONTENT_POLICY_TYPES = frozenset({"content_policy_violation", "content_filter"})
+
+
+def client_error_class(status: int, error_type: str | None, message: str) -> type[ClientError]:
+    """Which client error this is: the prompt does not fit the model (`context-window`), a safety system
+    refused it (`content-policy`), or plainly the app's mistake. The specific code first, the
+    provider's wording second; only 400-class answers about the request's content qualify."""
+    if status not in (400, 413, 422):
+        return ClientError
+    if error_type in _CONTEXT_WINDOW_TYPES or _CONTEXT_WINDOW_TEXT.search(message):
+        return ContextWindowExceeded
+    if error_type in _CONTENT_POLICY_TYPES:
+        return ContentRefused
+    return ClientError
 
 
 def _default_type(status: int) -> str:

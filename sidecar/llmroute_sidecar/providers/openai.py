@@ -48,7 +48,7 @@ from ..messages import (
     Usage,
 )
 from ..sse import SseEvent
-from .base import Adapter, StreamDecoder
+from .base import Adapter, StreamDecoder, StreamFrame
 from .shared import Classifier, generation_params, int_or_zero, str_or_empty
 
 DIALECT = "openai"
@@ -439,6 +439,13 @@ class OpenAIStreamDecoder(StreamDecoder):
 
     def finished(self) -> bool:
         return self._done
+
+    def end_of_body(self) -> StreamFrame | None:
+        """A finish reason arrived: the answer is complete without `[DONE]` (vLLM, proxies omit it)."""
+        if self._done or self._finish is None:
+            return None
+        done = SseEvent("message", "[DONE]")
+        return StreamFrame(self.decode(done), done)
 
     def decode(self, event: SseEvent) -> list[StreamEvent]:
         if event.event not in ("message", "error"):

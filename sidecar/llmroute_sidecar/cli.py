@@ -1,7 +1,7 @@
 """`llmroute`: the one command line for the sidecar, the operator and the tools around them.
 
     llmroute sidecar --policy FILE      run the sidecar (listen: LLMROUTE_LISTEN, default 127.0.0.1:8787)
-    llmroute validate FILE              check a policy; exit 1 with `path: message` lines when broken
+    llmroute validate FILE              check a policy; exit 1 with a `path: message` line per problem
     llmroute render FILE                the sidecar config the operator would write (policy.json)
     llmroute operator                   the kopf operator (reconciles policies into sidecar config)
     llmroute webhook                    the injection webhook and status relay
@@ -25,27 +25,67 @@ from pathlib import Path
 
 import orjson
 
-DEFAULT_LISTEN = "127.0.0.1:8787"
+from .environment import (
+    DEFAULT_LISTEN,
+    EnvironmentProblem,
+    SidecarEnvironment,
+    listen_address,
+    log_level,
+    read_environment,
+)
+
+COMMANDS = {
+    "operator": "run the Kubernetes operator: reconcile LLMRoutePolicies into sidecar ConfigMaps",
+    "webhook": "run the sidecar-injection admission webhook and the status-page relay",
+    "demo": "watch failover work: fake providers, a fake status page and the real sidecar (about a minute)",
+    "simulate": "compare failover strategies on a scenario through the real sidecar",
+}
+"""Commands whose arguments their own parser reads (`llmroute demo --help`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmroute", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    sidecar = commands.add_parser("sidecar", help="run the sidecar")
-    sidecar.add_argument("--policy", required=True, type=Path, help="policy file (YAML or JSON), watched")
-    sidecar.add_argument("--listen", default=os.environ.get("LLMROUTE_LISTEN", DEFAULT_LISTEN))
+    parser = argparse.ArgumentParser(
+        prog="llmroute",
+        description="llmroute: keep an app's LLM features up when a provider has a bad hour.",
+        epilog="`llmroute COMMAND --help` describes a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sidecar = commands.add_parser(
+        "sidecar", help="run the failover sidecar for a policy file (listens on 127.0.0.1:8787)",
+        description="Serve the route API and the Anthropic/OpenAI-compatible endpoints for a policy file. "
+        "Environment: LLMROUTE_LISTEN, LLMROUTE_LOG_LEVEL, LLMROUTE_STATUS_RELAY, LLMROUTE_MAX_IN_FLIGHT, "
+        "LLMROUTE_MAX_BUFFERED_BYTES, LLMROUTE_STREAM_IDLE_TIMEOUT, LLMROUTE_IDLE_TIMEOUT.",
+    )  # fmt: skip
+    sidecar.add_argument("--policy", required=True, type=Path,
+                         help="policy file (YAML or JSON); watched: a valid change applies without a restart")
+    sidecar.add_argument("--listen", default=None,
+                         help=f"host:port to listen on (default: LLMROUTE_LISTEN, else {DEFAULT_LISTEN})")
     sidecar.add_argument("--drain-timeout", type=float, default=25.0, help="seconds to finish in-flight work")
-    validate = commands.add_parser("validate", help="validate a policy file")
-    validate.add_argument("file", type=Path)
-    render = commands.add_parser("render", help="print the sidecar config the operator would write")
-    render.add_argument("file", type=Path)
-    for name in ("operator", "webhook", "demo", "simulate"):
-        commands.add_parser(name, help=f"run `{name}`", add_help=False)
+    validate = commands.add_parser(
+        "validate", help="check a policy file and list every problem found, with its field path"
+    )
+    validate.add_argument("file", type=Path, help="policy file (YAML or JSON)")
+    render = commands.add_parser("render", help="print the sidecar config (policy.json) the operator would write")
+    render.add_argument("file", type=Path, help="policy file (YAML or JSON)")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=os.environ.get("LLMROUTE_LOG_LEVEL", "INFO"), format="%(message)s")
+    try:
+        level = log_level()
+    except EnvironmentProblem as exc:
+        print(f"llmroute: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(message)s")
 
     if args.command == "sidecar":
-        return run_sidecar(args.policy, args.listen, args.drain_timeout)
+        try:
+            environment = read_environment()
+            listen = args.listen if args.listen is not None else os.environ.get("LLMROUTE_LISTEN") or DEFAULT_LISTEN
+            host, port = listen_address(listen, "--listen" if args.listen is not None else "LLMROUTE_LISTEN")
+        except EnvironmentProblem as exc:
+            print(f"llmroute sidecar: {exc}", file=sys.stderr)
+            return 2
+        return run_sidecar(args.policy, f"{host}:{port}", args.drain_timeout, environment)
     if args.command in ("validate", "render"):
         return _validate_or_render(args.file, render=args.command == "render")
     if args.command == "operator":
@@ -82,7 +122,9 @@ def _validate_or_render(path: Path, render: bool) -> int:
     return 0
 
 
-def run_sidecar(policy: Path, listen: str, drain_timeout: float) -> int:
+def run_sidecar(
+    policy: Path, listen: str, drain_timeout: float, environment: SidecarEnvironment | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain: fail readiness, finish in-flight requests, stop."""
     with contextlib.suppress(ImportError):
         import uvloop
@@ -91,8 +133,16 @@ def run_sidecar(policy: Path, listen: str, drain_timeout: float) -> int:
     # One log line per request: skip what no line of ours prints (logging HOWTO, "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    host, _, port = listen.rpartition(":")
-    asyncio.run(serve(policy, host or "127.0.0.1", int(port), drain_timeout))
+    if not policy.exists():
+        # Waiting for a mount that appears later is fine; waiting in silence is not.
+        logging.getLogger("llmroute").warning(orjson.dumps({
+            "event": "policy_missing",
+            "policy": str(policy),
+            "message": f"policy file {policy} does not exist; serving /healthz and waiting for it "
+                       "(/readyz answers 503 until a valid policy loads)",
+        }).decode())  # fmt: skip
+    host, port = listen_address(listen)
+    asyncio.run(serve(policy, host, port, drain_timeout, environment or SidecarEnvironment()))
     return 0
 
 
@@ -111,16 +161,22 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
-async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> None:
+async def serve(
+    policy: Path, host: str, port: int, drain_timeout: float, environment: SidecarEnvironment | None = None
+) -> None:
     from aiohttp import web
 
-    from .server import IDLE_TIMEOUT, create_app, env_number, shut_down
+    from .server import IDLE_TIMEOUT, create_app, shut_down
     from .telemetry import tracer_provider_from_env
 
+    env = environment or read_environment()
     app = create_app(
         policy_path=policy,
-        status_relay=os.environ.get("LLMROUTE_STATUS_RELAY") or None,
+        status_relay=env.status_relay,
         tracer_provider=tracer_provider_from_env(),
+        max_in_flight=env.max_in_flight,
+        max_buffered_bytes=env.max_buffered_bytes,
+        stream_idle_timeout=env.stream_idle_timeout,
     )
     # keepalive_timeout doubles as the header-read deadline (see server.IDLE_TIMEOUT); aiohttp's default
     # keeps an idle connection for an hour.
@@ -129,7 +185,7 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
         handler_cancellation=True,
         shutdown_timeout=drain_timeout,
         access_log=None,
-        keepalive_timeout=env_number("LLMROUTE_IDLE_TIMEOUT", IDLE_TIMEOUT),
+        keepalive_timeout=env.idle_timeout or IDLE_TIMEOUT,
     )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)

@@ -39,7 +39,9 @@ __all__ = [
     "Hang",
     "Html",
     "LoopbackServer",
+    "NoTerminal",
     "Outcome",
+    "PingStream",
     "RecordedRequest",
     "Reply",
     "Reset",
@@ -126,6 +128,23 @@ class StallStream(Reply):
     leaves or the fake stops). A non-streaming request gets half its JSON body, then silence."""
 
     after_chunks: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PingStream(Reply):
+    """Send ``after_chunks`` deltas, then only keep-alive pings (Anthropic ``ping`` events, SSE comments
+    for the others) every ``ping_interval`` seconds until the client leaves: bytes flow, content does
+    not. ``after_chunks=0``: pings from the start, no content at all. A plain request is answered."""
+
+    after_chunks: int = 1
+    ping_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class NoTerminal(Reply):
+    """A complete stream (stop reason and usage sent) whose body ends cleanly without the terminal event:
+    OpenAI's ``data: [DONE]``, Anthropic's ``message_stop`` (Gemini has none to leave out). Several
+    OpenAI-compatible servers end their streams so. A plain request is answered as usual."""
 
 
 @dataclass(frozen=True)
@@ -1149,8 +1168,11 @@ class FakeProvider(LoopbackServer):
                                                        **_SSE_HEADERS})
         rec.status = 200
         await resp.prepare(request)
-        fault_at = step.after_chunks if isinstance(step, CutStream | StreamError | StallStream) else None
-        for kind, data in _FRAME_ENCODERS[d](answer):
+        fault_at = step.after_chunks if isinstance(step, CutStream | StreamError | StallStream | PingStream) else None
+        frames = _FRAME_ENCODERS[d](answer)
+        if isinstance(step, NoTerminal) and d != "gemini":
+            frames = frames[:-1]
+        for kind, data in frames:
             if kind != "meta" and fault_at is not None and rec.chunks_sent >= fault_at:
                 return await self._stream_fault(request, rec, step, resp)
             if kind == "delta":
@@ -1179,6 +1201,11 @@ class FakeProvider(LoopbackServer):
             return resp
         if isinstance(step, StallStream):
             await self._park()
+        if isinstance(step, PingStream):
+            ping = _sse({"type": "ping"}, event="ping") if d == "anthropic" else b": ping\n\n"
+            while True:
+                await resp.write(ping)
+                await self._sleep(step.ping_interval)
         return await self._drop(request, rec, rst=False)
 
 

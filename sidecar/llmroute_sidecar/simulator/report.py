@@ -248,6 +248,13 @@ def _checks(scenario: Scenario, summary: Summary) -> list[Check]:
         checks.append(Check("upstream calls per answer", f"<= {expect.calls_per_answer:g}",
                             "-" if cpa is None else f"{cpa:.3f}",
                             cpa is not None and cpa <= expect.calls_per_answer))
+    if expect.degraded_over_outage is not None and summary.asked:
+        duration = scenario.duration
+        outage = sum(w.end - w.start for w in scenario.windows() if w.kind == "outage") / duration
+        excess = (summary.degraded / summary.asked - outage) * duration
+        checks.append(Check("degraded beyond the outage", f"<= {expect.degraded_over_outage:g} s",
+                            f"{excess:+.1f} s ({summary.degraded / summary.asked:.1%} vs {outage:.1%})",
+                            excess <= expect.degraded_over_outage))
     return checks
 
 

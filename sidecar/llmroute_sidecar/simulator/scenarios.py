@@ -251,6 +251,9 @@ class Expect(_Model):
     """Maximum median latency of requests sent during outage windows."""
     calls_per_answer: float | None = Field(default=None, gt=0)
     """Maximum upstream calls (counted at the fakes) per answered request."""
+    degraded_over_outage: Duration | None = None
+    """Maximum seconds' worth of traffic by which the degraded share exceeds the outage windows' share
+    of the timeline (how long answers stay degraded beyond the outage itself)."""
 
 
 class Scenario(_Model):

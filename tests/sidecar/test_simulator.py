@@ -123,7 +123,8 @@ def test_scale_policy_divides_durations_and_keeps_rates():
     document = yaml.safe_load(POLICY.read_text())
     scaled = scale_policy(document, 4)["spec"]
     route = scaled["routes"][0]
-    assert parse_duration(route["budget"]) == 2 and parse_duration(route["backoff"]["initial"]) == 0.0625
+    assert parse_duration(route["budget"]) == 2 and parse_duration(route["backoff"]["initial"]) == 0.125
+    assert parse_duration(route["firstTokenTimeout"]) == 3.75 and parse_duration(route["stallTimeout"]) == 7.5
     assert parse_duration(scaled["retryBudget"]["window"]) == 2.5 and scaled["retryBudget"]["minPerSecond"] == 40
     assert parse_duration(scaled["providers"][0]["statusPage"]["pollInterval"]) == 2.5
     assert scale_policy(document, 1)["spec"]["routes"][0]["budget"] == "8s"

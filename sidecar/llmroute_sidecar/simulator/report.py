@@ -384,6 +384,10 @@ def draw_timeline(
         if float(value) > 0:
             states.text((start + stop) / 2, 1.5, f"shed {float(value):.0%}", ha="center", va="center",
                         fontsize=7, color="white")
+    for start, stop, value in _sample_bands(samples, "overridden", end):
+        if value == "True" and stop - start >= 1.5:
+            states.text((start + stop) / 2, 1.5, "probes answer: not shed", ha="center", va="center",
+                        fontsize=7, color="white")
     for start, stop, value in _sample_bands(samples, "circuit", end):
         colour = "#c62828" if value == "open" else "#c8e6c9"
         states.broken_barh([(start, stop - start)], (0.1, 0.8), color=colour)

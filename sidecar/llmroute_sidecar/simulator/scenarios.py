@@ -669,7 +669,7 @@ def scale_policy(document: Mapping[str, Any], speed: float) -> dict[str, Any]:
         return document
     spec = document["spec"]
     for route in spec.get("routes", []):
-        for key in ("budget", "deadline", "attemptTimeout"):
+        for key in ("budget", "deadline", "attemptTimeout", "firstTokenTimeout", "stallTimeout"):
             if key in route:
                 route[key] = _scaled(route[key], speed)
         backoff = route.get("backoff") or {}

@@ -288,6 +288,8 @@ class StatusSample:
     """Share of the primary's traffic shed on the status page's word."""
     circuit: str | None
     """The primary target's circuit: closed | open."""
+    overridden: bool = False
+    """Probes found the primary answering: its page's shed is over though the page has not recovered."""
 
 
 class StatusSampler:
@@ -327,6 +329,7 @@ class StatusSampler:
         route = (data.get("routes") or {}).get(self.route) or {}
         circuit = ((route.get("targets") or {}).get(self.target) or {}).get("state")
         sample = StatusSample(t=self.clock.now(), page_state=page.get("state"),
-                              shedding=float(page.get("shedding") or 0.0), circuit=circuit)
+                              shedding=float(page.get("shedding") or 0.0), circuit=circuit,
+                              overridden=page.get("overriddenByProbes") is True)
         self.samples.append(sample)
         self.latest = sample

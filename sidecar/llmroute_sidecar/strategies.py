@@ -268,7 +268,7 @@ class Engine:
                 try:
                     return await self._attempt(call, target, tries)
                 except ClientError as exc:
-                    if exc.fallback_class is not None and exc.fallback_class in spec.fallback_on:
+                    if _falls_over(call, exc):
                         # Not this target's to answer (too long for its model; refused by its safety
                         # system, where the policy allows routing around that): the next target, no retry.
                         if primary or call.shed_reason is None:

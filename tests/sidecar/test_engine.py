@@ -193,3 +193,30 @@ async def test_streaming_route_api_sends_meta_deltas_done(fakes):
     assert primary.count() == 2 and fallback.count() == 0
     text = "".join(data["text"] for name, data in events if name == "delta")
     assert text == "echo: Summarize:\nhi"
+
+
+def test_a_request_asking_for_thinking_or_reasoning_waits_at_least_five_minutes_for_its_first_token():
+    """firstTokenTimeout (15 s) is for plain requests; extended thinking / reasoning requests (whoever
+    asked: the app's body or a target's params) think before their first visible token."""
+    from llmroute_sidecar.messages import ChatRequest, NativeBody
+    from llmroute_sidecar.policy import Route
+    from llmroute_sidecar.strategies import asks_for_reasoning
+
+    route = Route.model_validate({"name": "r", "targets": [{"name": "t", "provider": "p"}]})
+    plain = ChatRequest(messages=[])
+    asking = [
+        ChatRequest(messages=[], native=NativeBody("anthropic", {"thinking": {"type": "enabled", "budget_tokens": 8000}})),
+        ChatRequest(messages=[], native=NativeBody("openai", {"reasoning_effort": "high"})),
+        ChatRequest(messages=[], extra={"thinkingConfig": {"thinkingBudget": 2048}}),
+        ChatRequest(messages=[], extra={"generationConfig": {"thinkingConfig": {"includeThoughts": True}}}),
+    ]
+    not_asking = [
+        plain,
+        ChatRequest(messages=[], native=NativeBody("anthropic", {"thinking": {"type": "disabled"}})),
+        ChatRequest(messages=[], native=NativeBody("openai", {"reasoning_effort": "minimal"})),
+        ChatRequest(messages=[], extra={"thinkingConfig": {"thinkingBudget": 0}}),
+    ]
+    assert all(asks_for_reasoning(r) for r in asking)
+    assert not any(asks_for_reasoning(r) for r in not_asking)
+    assert route.first_token_limit(False) == 15.0 and route.first_token_limit(True) == 300.0
+    assert route.stall_timeout == 30.0 and route.max_attempts == 5 and route.fallback_on == ["context-window"]

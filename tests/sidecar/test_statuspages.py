@@ -449,6 +449,44 @@ async def test_major_outage_sheds_after_confirm_after_polls_and_returns_after_re
     assert board.shed_share("nobody") == (0.0, None)
 
 
+async def test_probes_end_a_shed_after_two_successes_in_a_row_and_a_failure_resets_the_count(
+    host: FakeStatusHost, make_board: Callable[..., StatusBoard]
+) -> None:
+    """Evidence beats the page: one probe per interval (the first one an interval after the shed began),
+    two successful probes in a row end the shed while the page still says major_outage; a failed probe
+    resets the count; the override ends with the page's own recovery. On a fake clock."""
+    now = [100.0]
+    url, page = host.page(body=summary("major_outage"))
+    board = make_board(clock=lambda: now[0])
+    board.configure([provider("claude", url, confirm=1, recover=1)])
+    assert not board.probe("claude", 1.0)  # not shed: nothing to probe
+    await board.poll_now()
+    assert board.shed_share("claude") == (1.0, "major_outage")
+    assert not board.probe("claude", 1.0)  # the shed just began
+    now[0] += 1.0
+    assert board.probe("claude", 1.0) and not board.probe("claude", 1.0)  # one per interval
+    board.probe_result("claude", True)
+    now[0] += 1.3
+    assert board.probe("claude", 1.0)
+    board.probe_result("claude", False)  # a failure: start counting again
+    assert board.shed_share("claude")[0] == 1.0
+    for _ in range(2):
+        now[0] += 1.3
+        assert board.probe("claude", 1.0)
+        board.probe_result("claude", True)
+    assert board.shed_share("claude") == (0.0, "major_outage")  # the page has not recovered; traffic has
+    assert board.snapshot()["claude"]["overriddenByProbes"] is True
+    now[0] += 5
+    assert not board.probe("claude", 1.0)  # nothing left to probe
+    page.body = summary("operational")
+    await board.poll_now()
+    assert board.shed_share("claude") == (0.0, "operational")
+    assert board.snapshot()["claude"]["overriddenByProbes"] is False
+    page.body = summary("major_outage")  # a new outage: shed again, probes counted afresh
+    await board.poll_now()
+    assert board.shed_share("claude") == (1.0, "major_outage")
+
+
 async def test_flapping_page_never_sheds(
     host: FakeStatusHost, make_board: Callable[..., StatusBoard]
 ) -> None:

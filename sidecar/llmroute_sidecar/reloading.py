@@ -23,6 +23,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from .policy import LoadedPolicy, PolicyError, parse_policy_text
 
 log = logging.getLogger("llmroute.reload")
@@ -71,9 +73,8 @@ class PolicyWatcher:
         if reason == self._unreadable:
             return  # the same state as at the last poll: said already
         self._unreadable = reason
-        message = f"policy file {self.path} {reason}"
-        log.warning("%s; keeping the last good policy", message)
-        self._refuse(message)
+        log.warning(orjson.dumps({"event": "policy_unreadable", "path": str(self.path), "reason": reason}).decode())
+        self._refuse(f"policy file {self.path} {reason}")
 
     def load_now(self) -> bool:
         """Read, validate and apply the file if it changed; True when a new policy was applied."""
@@ -82,7 +83,7 @@ class PolicyWatcher:
             self._cannot_read(reason or "cannot be read")
             return False
         if self._unreadable is not None:
-            log.info("policy file %s is readable again", self.path)
+            log.info(orjson.dumps({"event": "policy_readable", "path": str(self.path)}).decode())
             self._unreadable = None
         if fingerprint == self._seen:
             return False

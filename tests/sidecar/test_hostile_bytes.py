@@ -18,7 +18,9 @@ import aiohttp
 import pytest
 import yaml
 
+from llmroute_sidecar.malformed import RateLimit
 from llmroute_sidecar.reloading import PolicyWatcher
+from llmroute_sidecar.scrubbing import printable
 from llmroute_sidecar.simulator.fakes import FakeProvider
 
 from .harness import cli_sidecar, policy_document
@@ -218,3 +220,29 @@ def test_e8_an_unreadable_policy_path_is_refused_once_however_often_it_is_polled
     assert watcher.load_now() is True and len(applied) == 1
     logged = [json.loads(r.getMessage())["event"] for r in caplog.records if r.getMessage().startswith("{")]
     assert logged == ["policy_unreadable", "policy_unreadable", "policy_readable"]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("summarize", "summarize"),
+        ("caf\udce9\udcff", "caf\\xe9\\xff"),  # aiohttp's spelling of the bytes caf\xe9\xff
+        ("a\tb\x00c\u200b", "a\\tb\\x00c\\u200b"),
+        ("é" * 300, "é" * 199 + "…"),
+    ],
+)
+def test_d13_printable_escapes_and_bounds_what_a_client_sent(value: str, shown: str) -> None:
+    assert printable(value) == shown
+    json.dumps(printable(value)).encode()  # always encodable
+
+
+def test_d14_the_rate_limit_allows_a_burst_then_one_a_second() -> None:
+    now = [0.0]
+    limit = RateLimit(per_second=1.0, burst=10, clock=lambda: now[0])
+    assert [limit.allow() for _ in range(12)] == [True] * 10 + [False] * 2
+    now[0] = 0.5
+    assert limit.allow() is False
+    now[0] = 1.0
+    assert limit.allow() is True and limit.allow() is False
+    now[0] = 100.0
+    assert sum(limit.allow() for _ in range(20)) == 10  # never more than the burst, however long the pause

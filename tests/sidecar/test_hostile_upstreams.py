@@ -16,6 +16,9 @@ import anthropic
 import openai
 import pytest
 
+from llmroute_sidecar.errors import ClientError
+from llmroute_sidecar.keys import KeySource
+from llmroute_sidecar.scrubbing import Keyring, Scrubber
 from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Garbage, RecordedRequest, StreamError
 
 from .harness import cli_sidecar
@@ -278,3 +281,27 @@ async def test_u23_a_same_dialect_200_with_mistyped_fields_is_a_failed_attempt(
     assert attempts[0]["target"] == "primary" and attempts[0]["status"] == "error"
     assert "502" in attempts[0]["error"] and attempts[-1]["target"] == "backup"
     assert primary.count() >= 1 and fallback.count() == 1
+
+
+def test_u21_the_scrubber_catches_plain_escaped_and_nested_spellings_and_spares_short_values() -> None:
+    key = "sk-ant-api03-abc/def"
+    scrubber = Scrubber([key, "sk-ant-api03-abc", "x", "test"])  # a key inside a longer one; too short ones
+    assert scrubber.text(f"bad key {key}.") == "bad key [redacted]."
+    assert scrubber.text("x marks the test") == "x marks the test"
+    escaped = json.dumps({"error": {"message": f"got {key}", key: [key]}}).replace("/", "\\/").encode()
+    assert key.encode() not in escaped  # JSON may escape "/": only parsing finds it
+    assert json.loads(scrubber.body(escaped)) == {"error": {"message": "got [redacted]", "[redacted]": ["[redacted]"]}}
+    untouched = b'{ "error" : "nothing secret" }'
+    assert scrubber.body(untouched) is untouched  # re-encoded only when something was found
+    assert scrubber.body(b"<h1>" + key.encode() + b"</h1>\xff") == b"<h1>[redacted]</h1>\xff"
+    error = ClientError(f"401 {key}", status=401, error_type=f"auth {key}", body=escaped, headers={"x-echo": key})
+    assert scrubber.error(error) is error
+    assert key not in f"{error} {error.message} {error.error_type} {error.headers} {error.body!r}"
+
+
+def test_u21_the_keyring_remembers_keys_after_a_reload_or_rotation_replaced_them() -> None:
+    keyring = Keyring()
+    keyring.track([KeySource.fixed("sk-first-key-0001"), KeySource.fixed(None)])
+    assert keyring.values() == ["sk-first-key-0001"]
+    keyring.track([KeySource.fixed("sk-second-key-0002")])
+    assert keyring.values() == ["sk-first-key-0001", "sk-second-key-0002"]

@@ -4,11 +4,12 @@ Secrets. A provider's error can quote the key it received (a 401 that echoes `x-
 upstream can put it in a header or a stream's error event. Whatever an upstream said reaches the app
 (relayed verbatim or translated), the request's log line, its spans and `attempts`. So every upstream
 failure is scrubbed once, where it enters the sidecar: when an adapter raises it (`providers/base.py`).
-Everything downstream of that point is built from the scrubbed error. What is removed: every provider key
-the sidecar holds (`Keyring`, every policy's, including values a rotated file replaced) and the key the
-app itself sent with its request (ignored and never forwarded, but apps often send their real key; the
-server records it per request with `hold_client_keys`). Both the plain and the JSON-escaped spellings are
-caught: a JSON body is parsed and every string in it scrubbed. A value shorter than `MIN_SECRET_CHARS` is
+Everything downstream of that point is built from the scrubbed error. What is removed: the key the attempt
+sent, every provider key the sidecar holds (`Keyring`: every provider's, and the values it has seen
+replaced by a reload or a rotated file) and the key the app itself sent with its request (ignored and never
+forwarded, but apps often send their real key; the server records it per request with `hold_client_keys`).
+Both the plain and the JSON-escaped spellings are caught: a JSON body is parsed and every string in it
+scrubbed. A value shorter than `MIN_SECRET_CHARS` is
 not treated as a secret: replacing `x` or `test` everywhere would mangle every message and hide nothing.
 
 Echoes. A client-supplied header or path segment (the `llmroute-route` header, a route name in the URL) and
@@ -54,6 +55,7 @@ class Keyring:
         """The key sources of a newly compiled policy; the previous ones' values stay remembered."""
         self.values()
         self._sources = tuple(sources)
+        self.values()
 
     def values(self) -> list[str]:
         for source in self._sources:

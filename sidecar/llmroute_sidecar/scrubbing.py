@@ -9,8 +9,8 @@ sent, every provider key the sidecar holds (`Keyring`: every provider's, and the
 replaced by a reload or a rotated file) and the key the app itself sent with its request (ignored and never
 forwarded, but apps often send their real key; the server records it per request with `hold_client_keys`).
 Both the plain and the JSON-escaped spellings are caught: a JSON body is parsed and every string in it
-scrubbed. A value shorter than `MIN_SECRET_CHARS` is
-not treated as a secret: replacing `x` or `test` everywhere would mangle every message and hide nothing.
+scrubbed. A value shorter than `MIN_SECRET_CHARS` is not treated as a secret: replacing `x` or `test`
+everywhere would mangle every message and hide nothing.
 
 Echoes. A client-supplied header or path segment (the `llmroute-route` header, a route name in the URL) and
 an upstream's `Location` can hold any bytes, and aiohttp hands undecodable ones over as lone surrogates,

@@ -15,8 +15,8 @@ import pytest
 
 SIDECAR = Path(__file__).resolve().parents[1] / "sidecar" / "llmroute_sidecar"
 ENGINE = ["policy", "strategies", "budgets", "health", "runtime", "streams", "checks", "prompts", "messages",
-          "errors", "sse", "durations", "statuspages", "statuspolling", "statusboard", "telemetry"]
-SERVER_SIDE = {"server", "compat", "cli", "reloading"}
+          "errors", "sse", "durations", "statuspages", "statuspolling", "statusboard", "telemetry", "scrubbing"]
+SERVER_SIDE = {"server", "compat", "cli", "reloading", "malformed"}
 CONCRETE_PROVIDERS = {"anthropic", "openai", "gemini"}
 
 

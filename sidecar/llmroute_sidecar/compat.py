@@ -31,6 +31,7 @@ from .messages import ChatRequest
 from .providers import app_codec
 from .providers.base import AppCodec, StreamFrame
 from .runtime import CompiledRoute, CompiledTarget
+from .scrubbing import printable
 from .server import (
     Draining,
     SidecarState,
@@ -102,11 +103,14 @@ async def _serve_admitted(
                 # Named on purpose: a typo must not quietly land on another route's targets.
                 route = runtime.route(named.strip())
                 if route is None:
-                    raise RequestError(404, f'unknown route "{named}" (llmroute-route header)', "not_found_error")
+                    shown = printable(named)
+                    raise RequestError(404, f'unknown route "{shown}" (llmroute-route header)', "not_found_error")
             else:
                 route = runtime.route(model) or runtime.default_route
             if route is None:
-                raise RequestError(404, f'no route for model "{model}" and no defaultRoute', "not_found_error")
+                raise RequestError(
+                    404, f'no route for model "{printable(model)}" and no defaultRoute', "not_found_error"
+                )
             stream = body.get("stream", False) is True
         except RequestError as exc:
             return finish_error(state, span, route, exc, _error(codec, exc.status, exc.error_type, exc.message, {}))
@@ -199,7 +203,19 @@ def forwarded_headers(request: web.Request, allowed: tuple[str, ...]) -> dict[st
     if not present:
         return present  # the usual case: nothing to forward
     hop = {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+    for name, value in present.items():
+        if not value.isascii() and not _utf8(value):
+            # aiohttp hands bytes that are not UTF-8 over as lone surrogates, which cannot be sent on.
+            raise RequestError(400, f"{name} header: not valid UTF-8")
     return {name: value for name, value in present.items() if name not in hop}
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _upstream_error(

@@ -22,7 +22,8 @@
 
 `UpstreamError.condition` is what a route's `retryOn` list speaks: an HTTP status, `timeout` or
 `connection`. Messages never contain API keys: adapters build them from status codes and provider error
-bodies, not from request headers.
+bodies, not from request headers, and every UpstreamError an adapter raises is scrubbed of the keys the
+sidecar holds and of the app's own before anyone reads it (`scrubbing.py`).
 """
 
 from __future__ import annotations

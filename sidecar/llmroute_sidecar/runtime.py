@@ -23,6 +23,7 @@ from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_
 from .prompts import PromptTemplate, compile_template
 from .providers import adapter_for
 from .providers.base import Adapter
+from .scrubbing import Keyring
 from .statusboard import StatusBoard
 from .statuspages import DEFAULT_MIN_INTERVAL
 from .telemetry import target_span_attributes
@@ -119,6 +120,8 @@ class Upstreams:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._health: dict[tuple[str, str], TargetHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
+        self.keyring = Keyring()
+        """Every provider key held, scrubbed from whatever an upstream says (scrubbing.py)."""
         self._status_session = self._new_session()
         self.status = StatusBoard(
             self._status_session,
@@ -150,11 +153,15 @@ class Upstreams:
         problems: list[str] = []
         warnings = list(policy.warnings)
         adapters: dict[str, Adapter] = {}
+        keys: list[KeySource] = []
         for provider in spec.providers:
             key = _api_key(provider)
+            keys.append(key)
             if key.current() is None and provider.api_key is not None:
                 warnings.append(f"spec.providers[{provider.name}].apiKey: the key is not set (environment or file)")
-            adapters[provider.name] = adapter_for(provider, self.session(provider.effective_base_url), key)
+            adapters[provider.name] = adapter_for(
+                provider, self.session(provider.effective_base_url), key, self.keyring
+            )
             budget = self._budgets.get(provider.name)
             if budget is None or budget.spec != spec.retry_budget:
                 self._budgets[provider.name] = RetryBudget(spec.retry_budget)
@@ -203,6 +210,7 @@ class Upstreams:
             routes[route.name] = CompiledRoute(route, targets, quorum_targets, spec.telemetry.record_content)
         if problems:
             raise PolicyError(problems)
+        self.keyring.track(keys)
         self.status.configure(spec.providers)
         return Runtime(policy, routes, warnings)
 

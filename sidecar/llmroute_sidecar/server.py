@@ -43,11 +43,13 @@ from opentelemetry import trace
 
 from .checks import parse_json_answer
 from .errors import ClientError, RequestError, StreamBroken, UpstreamError
+from .malformed import ServerLog
 from .messages import ChatRequest, StreamEnd, TextDelta
 from .policy import LoadedPolicy, PolicyError
 from .providers.base import StreamFrame
 from .reloading import PolicyWatcher
 from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
+from .scrubbing import hold_client_keys, printable
 from .sse import json_frame
 from .strategies import STREAM_IDLE_TIMEOUT, Answer, Call, Engine, GaveUp
 from .streams import follow
@@ -216,7 +218,9 @@ def create_app(
     `max_buffered_bytes` (`LLMROUTE_MAX_BUFFERED_BYTES`, 128 MiB) cap the load admitted at once;
     `body_timeout` (30 s) bounds reading a request body; `stream_idle_timeout`
     (`LLMROUTE_STREAM_IDLE_TIMEOUT`, 90 s) is the longest upstream silence inside a stream."""
-    app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
+    # `logger`: malformed HTTP is one structured, rate-limited warning, never a traceback quoting the
+    # request's bytes (malformed.py).
+    app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384, "logger": ServerLog()})
     in_flight = max_in_flight if max_in_flight is not None else env_number("LLMROUTE_MAX_IN_FLIGHT", MAX_IN_FLIGHT)
     buffered = (
         max_buffered_bytes
@@ -473,6 +477,7 @@ async def serve_admitted(
     ticket = state.admit(request)
     if ticket is None:
         return overloaded()
+    hold_client_keys(request.headers)  # scrubbed from whatever an upstream says back (scrubbing.py)
     try:
         return await serve(state, request, ticket)
     except Overloaded:
@@ -541,14 +546,15 @@ def _route_overloaded() -> web.Response:
 async def _route_api(state: SidecarState, request: web.Request, ticket: Ticket) -> web.StreamResponse:
     runtime = state.runtime
     name = request.match_info["route"]
-    route: CompiledRoute | None = None
-    with state.telemetry.request_span(f"POST /v1/routes/{name}", name, request.headers) as span:
+    route = runtime.route(name) if runtime is not None else None
+    # A name that is no route never reaches a span: a client must not mint span names or attributes.
+    known = route.name if route is not None else None
+    with state.telemetry.request_span(f"POST /v1/routes/{known or '{route}'}", known, request.headers) as span:
         try:
             if runtime is None:
                 raise RequestError(503, "no valid policy loaded", "unavailable")
-            route = runtime.route(name)
             if route is None:
-                raise RequestError(404, f'unknown route "{name}"', "not_found_error")
+                raise RequestError(404, f'unknown route "{printable(name)}"', "not_found_error")
             body = await read_json(request, ticket)
             variables = body.get("variables", {})
             stream = body.get("stream", False)

@@ -173,7 +173,7 @@ class Engine:
     async def _ordered(self, call: Call, targets: list[CompiledTarget], retry_primary: bool) -> Answer:
         primary, fallbacks = targets[0], targets[1:]
         reason = self._skip_reason(call, primary)
-        if reason is not None and fallbacks:
+        if reason is not None and fallbacks and _can_serve(call, fallbacks):
             call.shed_reason = reason
             call.attempts.append(AttemptRecord(primary.name, "skipped", 0, reason))
         else:
@@ -598,6 +598,13 @@ def asks_for_reasoning(request: ChatRequest) -> bool:
         if isinstance(gemini, dict) and gemini.get("thinkingBudget", -1) != 0:
             return True
     return False
+
+
+def _can_serve(call: Call, targets: list[CompiledTarget]) -> bool:
+    """Whether any of `targets` can take the app's request. When none can (it cannot be translated for
+    any fallback), the primary is the last target standing and is tried once even when it would be
+    skipped: its own error is what the app should hear, not "cannot translate" (HOSTILE U18)."""
+    return any(target.adapter.untranslatable(call.build(target)) is None for target in targets)
 
 
 def _selected(quorum: object, headers: Mapping[str, str]) -> bool:

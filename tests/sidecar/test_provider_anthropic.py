@@ -538,7 +538,6 @@ def test_decode_request_keeps_what_it_cannot_represent_in_native() -> None:
         "messages": [
             {"role": "user", "content": "hello"},
             {"role": "system", "content": "ignored"},
-            "garbage",
             {
                 "role": "assistant",
                 "content": [
@@ -561,7 +560,6 @@ def test_decode_request_keeps_what_it_cannot_represent_in_native() -> None:
                     },
                     {"type": "image", "source": {"type": "url", "url": "https://h/p.webp?x=1"}},
                     {"type": "image", "source": {"type": "file", "file_id": "f"}},
-                    {"type": "text", "text": 5},
                 ],
             },
         ],
@@ -583,6 +581,30 @@ def test_decode_request_keeps_what_it_cannot_represent_in_native() -> None:
             ],
         ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string or a list"),
+        ({"messages": ["hi"]}, "messages[0]: must be an object"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role: must be a string"),
+        ({"messages": [{"role": "user", "content": [None]}]}, "messages[0].content[0]: must be a content block"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        ({"system": 5, "messages": []}, "system: must be a string or a list of content blocks"),
+    ],
+)
+def test_decode_request_refuses_content_no_messages_api_can_read(body: dict[str, Any], problem: str) -> None:
+    """A translation would drop such an item and answer a different question (HOSTILE D2)."""
+    with pytest.raises(RequestError) as caught:
+        AnthropicAppCodec().decode_request({"model": "m", "max_tokens": 5, **body})
+    assert caught.value.status == 400 and caught.value.message.startswith(problem)
+
+
+def test_unknown_roles_and_block_types_make_a_request_untranslatable_not_shorter() -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "future_block"}]},
+                         {"role": "narrator", "content": "b"}]}
+    assert native_losses(body) == ["Anthropic future_block block", "Anthropic narrator message"]
 
 
 def test_native_losses_name_what_a_translation_would_drop() -> None:

@@ -592,7 +592,6 @@ def test_decode_request_builds_the_neutral_conversation() -> None:
             {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "cropped"}]},
             {"role": "user", "content": "Thanks"},
             {"role": "function", "name": "legacy", "content": "ignored"},
-            "not a message",
         ],
         "max_tokens": 64,
         "temperature": 1,
@@ -671,15 +670,34 @@ def test_decode_request_refuses_only_what_the_sidecar_must_parse(body: dict[str,
 def test_decode_request_forwards_odd_but_parseable_bodies() -> None:
     body = {
         "model": "m",
-        "messages": [{"role": "user", "content": 5}, {"role": "alien"}],
+        "messages": [{"role": "user", "content": "hi"}, {"role": "alien"}],
         "max_tokens": "lots",
         "temperature": "hot",
         "tools": "all",
         "stop": [1, "x"],
     }
     request = CODEC.decode_request(body)  # the provider is the schema authority (HOSTILE D2)
-    assert request.messages == []
+    assert request.messages == [Message("user", [Text("hi")])]
+    assert request.lossy == ["OpenAI alien message"]  # forwarded as sent, never translated without it
     assert (request.max_tokens, request.temperature, request.tools, request.stop) == (None, None, [], ["x"])
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([{"role": "user", "content": 5}], "messages[0].content: must be a string, null or a list of content parts"),
+        (["hi"], "messages[0]: must be an object"),
+        ([{"content": "hi"}], "messages[0].role: must be a string"),
+        ([{"role": "user", "content": [5]}], "messages[0].content[0]: must be a content part"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text: must be a string"),
+    ],
+)
+def test_decode_request_refuses_messages_no_chat_completions_api_can_read(
+    messages: list[Any], problem: str
+) -> None:
+    with pytest.raises(RequestError) as raised:
+        CODEC.decode_request({"model": "m", "messages": messages})
+    assert raised.value.status == 400 and raised.value.message.startswith(problem)
 
 
 messages_strategy = st.lists(

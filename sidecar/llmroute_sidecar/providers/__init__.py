@@ -10,6 +10,7 @@ import aiohttp
 
 from ..keys import KeySource
 from ..policy import Provider
+from ..scrubbing import Keyring
 from .anthropic import AnthropicAdapter
 from .anthropic_app import AnthropicAppCodec
 from .base import Adapter, AppCodec
@@ -26,9 +27,13 @@ _APP_CODECS: dict[str, AppCodec] = {"anthropic": AnthropicAppCodec(), "openai": 
 
 
 def adapter_for(
-    provider: Provider, session: aiohttp.ClientSession, api_key: str | KeySource | None
+    provider: Provider,
+    session: aiohttp.ClientSession,
+    api_key: str | KeySource | None,
+    keyring: Keyring | None = None,
 ) -> Adapter:
-    return _ADAPTERS[provider.type](provider, session, api_key)
+    """`keyring`: every key the sidecar holds, scrubbed from this provider's errors too."""
+    return _ADAPTERS[provider.type](provider, session, api_key, keyring)
 
 
 def app_codec(dialect: str) -> AppCodec:

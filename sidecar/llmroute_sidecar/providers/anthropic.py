@@ -36,6 +36,7 @@ from ..messages import (
 )
 from ..sse import SseEvent
 from .base import Adapter, StreamDecoder, StreamFrame
+from .shapes import anthropic_message_problem
 from .shared import generation_params, int_or_zero, str_or_empty
 
 DIALECT = "anthropic"
@@ -234,6 +235,9 @@ class AnthropicAdapter(Adapter):
         content = body.get("content")
         if not isinstance(content, list):
             raise ValueError("no content list")
+        problem = anthropic_message_problem(body)  # relayed as is to an SDK that trusts its types
+        if problem is not None:
+            raise ValueError(problem)
         parts: list[Text | ToolCall] = []
         for block in content:
             part = _decode_output_block(block)

@@ -138,6 +138,42 @@ _LOSSY_BLOCKS = frozenset({
 })
 """Request blocks whose content or capability the neutral format cannot carry to another provider.
 (Thinking blocks are not here: another model needs no record of Claude's reasoning to answer.)"""
+_TRANSLATED_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+"""Request blocks a translation carries (thinking ones by dropping them, see above); any other type, one
+from a newer API version included, makes the request untranslatable rather than silently shorter."""
+
+
+def malformed(body: dict[str, Any]) -> str | None:
+    """The first part of `system` / `messages` no Messages API can read, as `path: problem` (a 400 at once:
+    Anthropic refuses it too, and a translation would drop it and answer a different question)."""
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        problem = _malformed_blocks(system, "system")
+        if problem is not None:
+            return problem
+    for index, message in enumerate(body["messages"]):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            return f"{where}: must be an object"
+        if not isinstance(message.get("role"), str):
+            return f"{where}.role: must be a string"
+        content = message.get("content")
+        if not isinstance(content, str):
+            problem = _malformed_blocks(content, f"{where}.content")
+            if problem is not None:
+                return problem
+    return None
+
+
+def _malformed_blocks(content: object, where: str) -> str | None:
+    if not isinstance(content, list):
+        return f"{where}: must be a string or a list of content blocks"
+    for index, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            return f"{where}[{index}]: must be a content block (an object with a string `type`)"
+        if block["type"] == "text" and not isinstance(block.get("text"), str):
+            return f"{where}[{index}].text: must be a string"
+    return None
 
 
 def native_losses(body: dict[str, Any]) -> list[str]:
@@ -154,6 +190,9 @@ def native_losses(body: dict[str, Any]) -> list[str]:
             losses.add(f"Anthropic server tool {tool.get('name') or tool.get('type')}")
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else []:
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in ("user", "assistant"):
+            losses.add(f"Anthropic {role} message")
         content = message.get("content") if isinstance(message, dict) else None
         for block in content if isinstance(content, list) else []:
             losses.update(_block_losses(block))
@@ -164,7 +203,7 @@ def _block_losses(block: object) -> list[str]:
     if not isinstance(block, dict):
         return []
     kind = block.get("type")
-    if kind in _LOSSY_BLOCKS:
+    if kind in _LOSSY_BLOCKS or kind not in _TRANSLATED_BLOCKS:
         return [f"Anthropic {kind} block"]
     if kind == "image" and _decode_image(block.get("source")) is None:
         return ["Anthropic image from the Files API"]
@@ -210,6 +249,9 @@ class AnthropicAppCodec(AppCodec):
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise RequestError(400, "messages: a list is required")
+        problem = malformed(body)
+        if problem is not None:
+            raise RequestError(400, problem)
         max_tokens = body.get("max_tokens")
         stop = body.get("stop_sequences")
         system = body.get("system")

@@ -9,12 +9,20 @@ adapter re-learns them:
 - no total timeout (it would kill long streams): a deadline for the response headers (first byte) and
   an idle timeout between stream reads instead;
 - aiohttp decompresses gzip itself; we never forward upstream `Content-Encoding` (we re-frame);
-- an HTML page (CDN error, WAF challenge) never reaches an app: its `<title>` becomes the message.
+- an HTML page (CDN error, WAF challenge) never reaches an app: its `<title>` becomes the message;
+- redirects are never followed: aiohttp would replay the request, key headers included (it drops only
+  `Authorization` across origins, never `x-api-key` or `x-goog-api-key`), to whatever host the
+  `Location` names, and serve that host's answer as the provider's. A 3xx is a failed attempt, logged
+  with the `Location` host only;
+- every failure leaving `complete` and `stream` is scrubbed of the keys the sidecar holds and of the
+  app's own key (`scrubbing.py`): an error that quotes the key it received reaches no app, log or span.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
@@ -22,6 +30,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..durations import retry_after
 from ..errors import (
@@ -36,12 +45,14 @@ from ..errors import (
 from ..keys import KeySource
 from ..messages import ChatRequest, ChatResponse, StreamEvent
 from ..policy import Provider
+from ..scrubbing import Keyring, Scrubber, printable, request_secrets
 from ..sse import SseEvent, SseParser
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_ERROR_BYTES = 256 * 1024
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+log = logging.getLogger("llmroute.upstream")
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,12 +98,18 @@ class Adapter:
     supports_prefill: ClassVar[bool] = False
 
     def __init__(
-        self, provider: Provider, session: aiohttp.ClientSession, api_key: str | KeySource | None
+        self,
+        provider: Provider,
+        session: aiohttp.ClientSession,
+        api_key: str | KeySource | None,
+        keyring: Keyring | None = None,
     ) -> None:
+        """`keyring`: every key the sidecar holds, scrubbed from this provider's errors too (None: its own)."""
         self.provider = provider
         self.session = session
         self.base_url = provider.effective_base_url
         self._keys = api_key if isinstance(api_key, KeySource) else KeySource.fixed(api_key)
+        self._keyring = keyring
 
     # ----- codec hooks: the provider's wire format -------------------------------------------------
     def url(self, model: str, stream: bool) -> str:
@@ -131,7 +148,16 @@ class Adapter:
         self, request: ChatRequest, model: str, timeouts: AttemptTimeouts
     ) -> ChatResponse:
         """One non-streaming attempt."""
-        response = await self._post(request, model, stream=False, timeouts=timeouts)
+        key = self._keys.current()
+        try:
+            return await self._complete(request, model, timeouts, key)
+        except UpstreamError as exc:
+            raise self._scrubbed(exc, key) from None
+
+    async def _complete(
+        self, request: ChatRequest, model: str, timeouts: AttemptTimeouts, key: str | None
+    ) -> ChatResponse:
+        response = await self._post(request, model, stream=False, timeouts=timeouts, key=key)
         try:
             async with asyncio.timeout(timeouts.idle):
                 raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
@@ -159,7 +185,18 @@ class Adapter:
         """One streaming attempt. Errors before the headers raise like `complete`; after them, an
         upstream error event raises UpstreamError and a silent end raises RetryableError (the engine
         decides, knowing whether anything reached the app yet)."""
-        response = await self._post(request, model, stream=True, timeouts=timeouts)
+        key = self._keys.current()
+        try:
+            async with contextlib.aclosing(self._stream(request, model, timeouts, key)) as frames:
+                async for frame in frames:
+                    yield frame
+        except UpstreamError as exc:
+            raise self._scrubbed(exc, key) from None
+
+    async def _stream(
+        self, request: ChatRequest, model: str, timeouts: AttemptTimeouts, key: str | None
+    ) -> AsyncGenerator[StreamFrame, None]:
+        response = await self._post(request, model, stream=True, timeouts=timeouts, key=key)
         content_type = response.headers.get("Content-Type", "")
         try:
             if "text/event-stream" not in content_type:
@@ -194,25 +231,38 @@ class Adapter:
         finally:
             response.close()  # closes the upstream connection when the consumer stops early
 
+    def _scrubber(self, key: str | None) -> Scrubber:
+        """The key this attempt sent, every key the sidecar holds and the app's own (`scrubbing.py`)."""
+        held = self._keyring.values() if self._keyring is not None else []
+        return Scrubber(request_secrets(key, *held))
+
+    def _scrubbed(self, error: UpstreamError, key: str | None) -> UpstreamError:
+        return self._scrubber(key).error(error)
+
     async def _post(
-        self, request: ChatRequest, model: str, stream: bool, timeouts: AttemptTimeouts
+        self, request: ChatRequest, model: str, stream: bool, timeouts: AttemptTimeouts, key: str | None
     ) -> aiohttp.ClientResponse:
         body = orjson.dumps(self.encode_request(request, model, stream))
-        headers = {"Content-Type": "application/json", **self.auth_headers(self._keys.current())}
+        headers = {"Content-Type": "application/json", **self.auth_headers(key)}
         native = request.native
         if native is not None and native.dialect == self.dialect:
             headers.update(native.headers)  # e.g. anthropic-beta: features the app's body relies on
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                response = await self.session.post(self.url(model, stream), data=body, headers=headers)
+                response = await self.session.post(
+                    self.url(model, stream), data=body, headers=headers, allow_redirects=False
+                )
         except TimeoutError:
             raise RetryableError("no response headers before the attempt timeout", condition="timeout") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             raise RetryableError(f"connection failed: {type(exc).__name__}", condition="connection") from None
         except aiohttp.ClientError as exc:
             raise RetryableError(f"upstream protocol error: {type(exc).__name__}", status=502) from None
-        if response.status < 400:
+        if response.status < 300:
             return response
+        if response.status < 400:
+            response.release()
+            raise self._redirected(response.status, response.headers.get("Location"), key)
         try:
             raw = await response.content.read(MAX_ERROR_BYTES)
         except (aiohttp.ClientError, OSError):
@@ -220,6 +270,21 @@ class Adapter:
         finally:
             response.release()
         raise self.classify(response.status, response.headers, raw)
+
+    def _redirected(self, status: int, location: str | None, key: str | None) -> UpstreamError:
+        """A 3xx: never followed. Logged (once per attempt) with the host it pointed to, nothing more: the
+        rest of a `Location` can carry anything, a key in a query string included."""
+        host = _location_host(location)
+        shown = self._scrubber(key).text(printable(host)) if host else "no host"
+        log.warning(orjson.dumps({
+            "event": "upstream_redirect", "provider": self.provider.name, "status": status, "locationHost": shown,
+        }).decode())
+        # Not retried (`redirect` is in no `retryOn`: the next answer would redirect too), but a failure of
+        # the target: a provider that keeps redirecting opens its circuit like one that keeps failing.
+        return RetryableError(
+            f"upstream answered {status} redirecting to {shown}; redirects are never followed",
+            status=502, condition="redirect", error_type="api_error",
+        )
 
     def classify(
         self, status: int, headers: Mapping[str, str], raw: bytes, note: str | None = None
@@ -332,6 +397,15 @@ def client_error_class(status: int, error_type: str | None, message: str) -> typ
     if error_type in _CONTENT_POLICY_TYPES:
         return ContentRefused
     return ClientError
+
+
+def _location_host(location: str | None) -> str | None:
+    if not location:
+        return None
+    try:
+        return URL(location).host or "the same host"
+    except ValueError:
+        return "an unparseable location"
 
 
 def _default_type(status: int) -> str:

@@ -49,6 +49,7 @@ from ..messages import (
 )
 from ..sse import SseEvent
 from .base import Adapter, StreamDecoder, StreamFrame
+from .shapes import openai_completion_problem
 from .shared import Classifier, generation_params, int_or_zero, str_or_empty
 
 DIALECT = "openai"
@@ -105,6 +106,9 @@ class OpenAIAdapter(Adapter):
 
     def decode_response(self, body: Body) -> ChatResponse:
         message, finish = _first_choice(body)
+        problem = openai_completion_problem(body)  # relayed as is to an SDK that trusts its types
+        if problem is not None:
+            raise ValueError(problem)
         parts: list[Text | ToolCall] = []
         text = content_text(message.get("content"))
         refusal = str_or_empty(message.get("refusal"))

@@ -86,6 +86,9 @@ class OpenAIAppCodec(AppCodec):
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise RequestError(400, "`messages` must be a list of messages")
+        problem = malformed(messages)
+        if problem is not None:
+            raise RequestError(400, problem)
         system, neutral = _decode_messages(messages)
         limit = body.get("max_completion_tokens")
         if limit is None:
@@ -134,6 +137,31 @@ def _error_envelope(error_type: str, message: str) -> Body:
 
 
 _NEUTRAL_PARTS = frozenset({"text", "image_url"})
+_TRANSLATED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+"""Roles a translation carries; any other (`function` is legacy, others from a newer API version) makes the
+request untranslatable rather than silently shorter."""
+
+
+def malformed(messages: list[Any]) -> str | None:
+    """The first message no Chat Completions API can read, as `path: problem` (a 400 at once: OpenAI
+    refuses it too, and a translation would drop it and answer a different question)."""
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            return f"{where}: must be an object"
+        if not isinstance(message.get("role"), str):
+            return f"{where}.role: must be a string"
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            return f"{where}.content: must be a string, null or a list of content parts"
+        for position, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return f"{where}.content[{position}]: must be a content part (an object with a string `type`)"
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                return f"{where}.content[{position}].text: must be a string"
+    return None
 
 
 def native_losses(body: Body) -> list[str]:
@@ -168,6 +196,8 @@ def native_losses(body: Body) -> list[str]:
 def _message_losses(message: Body) -> list[str]:
     if message.get("role") == "function":
         return ["legacy function message"]
+    if message.get("role") not in _TRANSLATED_ROLES:
+        return [f"OpenAI {message.get('role')} message"]
     if message.get("role") == "assistant" and message.get("audio"):
         return ["assistant audio"]
     content = message.get("content")

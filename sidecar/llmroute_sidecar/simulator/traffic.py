@@ -7,7 +7,11 @@ number of arrivals (duration x rate), the requests in flight (`maxInFlight`; an 
 recorded as not sent rather than queued), and the time waited for stragglers after the last arrival.
 
 Requests go through the route API (`POST /v1/routes/{route}`, JSON or SSE) with httpx (the contract's
-client library for the CLI and the demo). Times are recorded on the scenario clock.
+client library for the CLI and the demo), spread over `CLIENT_SHARDS` clients: httpcore's connection pool
+scans every connection for every queued request at each request's start and end, a cost that grows with
+the square of the requests in flight; one pool for hundreds of them made the load generator, not the
+sidecar, the bottleneck whenever an outage piled requests up (its lag then fed back as more in flight).
+Times are recorded on the scenario clock.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import httpx
 import orjson
 
 from .scenarios import ScenarioClock, Traffic
+
+CLIENT_SHARDS = 8
+"""httpx clients the requests are spread over (round robin), each with its share of the connections."""
 
 DEFAULT_VARIABLES: tuple[dict[str, Any], ...] = (
     {"text": "The printer on floor 3 shows error E-42 and prints blank pages since this morning."},
@@ -148,12 +155,16 @@ class TrafficDriver:
         cancelled and recorded (`timeout`, or `stopped` after `stop()`)."""
         if not self.clock.started:
             self.clock.start()
-        limits = httpx.Limits(max_connections=self.traffic.max_in_flight,
-                              max_keepalive_connections=min(self.traffic.max_in_flight, 256))
+        share = -(-self.traffic.max_in_flight // CLIENT_SHARDS)
+        limits = httpx.Limits(max_connections=share, max_keepalive_connections=min(share, 64))
         timeout = httpx.Timeout(self.request_timeout, connect=5.0)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout))
+                for _ in range(CLIENT_SHARDS)
+            ]
             try:
-                await self._send_all(client)
+                await self._send_all(clients)
                 await self._drain(self.request_timeout if drain is None else drain, stop_drain)
             finally:
                 tasks = list(self._tasks)
@@ -162,7 +173,7 @@ class TrafficDriver:
                 await asyncio.gather(*tasks, return_exceptions=True)
         return self.records
 
-    async def _send_all(self, client: httpx.AsyncClient) -> None:
+    async def _send_all(self, clients: list[httpx.AsyncClient]) -> None:
         variables = itertools.cycle(self._variables)
         for index, t in enumerate(self.schedule):
             wait = self.clock.monotonic_of(t) - time.monotonic()
@@ -180,6 +191,7 @@ class TrafficDriver:
                 self._finish(record)
                 continue
             self.in_flight += 1
+            client = clients[index % len(clients)]
             task = asyncio.create_task(self._one(client, record, next(variables)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

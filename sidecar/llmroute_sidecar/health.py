@@ -10,13 +10,16 @@ health and are not counted.
 Retry coalescing: when another request's attempt on this target failed *after* my own last attempt, my
 retry now would almost surely fail too, so it is skipped (no upstream call, no budget spent) and I back
 off again. During a microspike this keeps the extra load near one call per backoff step instead of one
-per waiting request; any success lets every waiter retry at once.
+per waiting request. Waiters do not sleep through news: a success wakes every one of them to retry at
+once, and the circuit opening wakes them to shed at once (`news()`), instead of at the end of a backoff
+wait of up to `backoff.max`.
 
 Everything runs on the event loop thread: no locks, monotonic clock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import deque
@@ -31,6 +34,7 @@ _LATENCY_FLOOR = 0.05  # seconds: latencies below this count as equal for hot-ho
 class TargetHealth:
     __slots__ = (
         "_clock",
+        "_news",
         "_next_probe",
         "_outcomes",
         "failures",
@@ -61,6 +65,19 @@ class TargetHealth:
         self.last_failure = -1.0
         self.last_success = -1.0
         self._outcomes: deque[tuple[float, bool, float]] = deque()
+        self._news: asyncio.Event | None = None
+
+    def news(self) -> asyncio.Event:
+        """Set when a retry waiting on this target should look again: a success, or the circuit opening.
+        A new event follows each piece of news (wait on the one you got, with your backoff as timeout)."""
+        if self._news is None:
+            self._news = asyncio.Event()
+        return self._news
+
+    def _announce(self) -> None:
+        if self._news is not None:
+            self._news.set()
+            self._news = None
 
     def configure(self, open_after: float, min_failures: int, probe_interval: float) -> None:
         """A policy reload keeps the history and adopts the new thresholds."""
@@ -87,6 +104,7 @@ class TargetHealth:
         self.failures = 0
         self.opened_at = None
         self._remember(now, True, latency)
+        self._announce()
 
     def record_failure(self, latency: float) -> None:
         now = self._clock()
@@ -107,6 +125,7 @@ class TargetHealth:
         ):
             self.opened_at = now
             self._next_probe = now + self.probe_interval * random.uniform(0.8, 1.2)
+            self._announce()
         self._remember(now, False, latency)
 
     def failed_since(self, moment: float) -> bool:

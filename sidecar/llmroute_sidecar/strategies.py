@@ -319,8 +319,11 @@ class Engine:
                 if primary:
                     call.shed_reason = "retry-budget"
                 return None
-            call.retry_wait += wait
-            await asyncio.sleep(wait)
+            news = target.health.news()  # a success or the circuit opening ends the wait early
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await news.wait()
+            call.retry_wait += time.monotonic() - now
 
     def _keep_retrying(self, call: Call, target: CompiledTarget, primary: bool) -> bool:
         """False once retrying the target is pointless: its circuit opened, or its status page confirmed

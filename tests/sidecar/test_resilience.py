@@ -351,7 +351,8 @@ async def test_a_burst_shorter_than_open_after_never_opens_the_circuit(
     document = policy_document(
         primary.url,
         fallback.url,
-        route={"budget": "1500ms", "backoff": {"initial": "20ms", "max": "60ms"}},
+        # Waits this short fit maxAttempts (5) into 0.2 s; the cap is not what this test is about.
+        route={"budget": "1500ms", "backoff": {"initial": "20ms", "max": "60ms"}, "maxAttempts": 20},
         spec={"circuitBreaker": {"openAfter": "1s", "minFailures": 3, "probeInterval": "200ms"}},
     )
     async with sidecar(document) as (url, state), client(url) as app:
@@ -675,7 +676,7 @@ async def test_scaled_timeline_microspikes_never_reach_the_fallback_and_outages_
     document = policy_document(
         primary.url,
         fallback.url,
-        route={"budget": "800ms", "backoff": {"initial": "25ms", "max": "100ms"}},
+        route={"budget": "800ms", "backoff": {"initial": "50ms", "max": "400ms"}},  # the defaults, scaled
         spec={"circuitBreaker": {"minFailures": 3, "probeInterval": "100ms"}},  # openAfter: the budget
     )
     rate = 80.0

@@ -23,6 +23,7 @@ from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_
 from .prompts import PromptTemplate, compile_template
 from .providers import adapter_for
 from .providers.base import Adapter
+from .ratelimits import ProviderLimits, RateLimitBook
 from .statusboard import StatusBoard
 from .statuspages import DEFAULT_MIN_INTERVAL
 from .telemetry import target_span_attributes
@@ -119,6 +120,7 @@ class Upstreams:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._health: dict[tuple[str, str], TargetHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
+        self.rate_limits = RateLimitBook()
         self._status_session = self._new_session()
         self.status = StatusBoard(
             self._status_session,
@@ -155,6 +157,7 @@ class Upstreams:
             if key.current() is None and provider.api_key is not None:
                 warnings.append(f"spec.providers[{provider.name}].apiKey: the key is not set (environment or file)")
             adapters[provider.name] = adapter_for(provider, self.session(provider.effective_base_url), key)
+            adapters[provider.name].rate_limits = ProviderLimits(self.rate_limits, provider, key)
             budget = self._budgets.get(provider.name)
             if budget is None or budget.spec != spec.retry_budget:
                 self._budgets[provider.name] = RetryBudget(spec.retry_budget)

@@ -28,6 +28,7 @@ from ..errors import ClientError, FailoverError, RetryableError, UpstreamError
 from ..keys import KeySource
 from ..messages import ChatRequest, ChatResponse, StreamEvent
 from ..policy import Provider
+from ..ratelimits import ProviderLimits, RateLimitBook
 from ..sse import SseEvent, SseParser
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -78,6 +79,8 @@ class Adapter:
         self.session = session
         self.base_url = provider.effective_base_url
         self._keys = api_key if isinstance(api_key, KeySource) else KeySource.fixed(api_key)
+        self.rate_limits = ProviderLimits(RateLimitBook(), provider, self._keys)
+        """The provider's rate-limit headers, read from every response (runtime.py shares one book)."""
 
     # ----- codec hooks: the provider's wire format -------------------------------------------------
     def url(self, model: str, stream: bool) -> str:
@@ -192,6 +195,7 @@ class Adapter:
             raise RetryableError(f"connection failed: {type(exc).__name__}", condition="connection") from None
         except aiohttp.ClientError as exc:
             raise RetryableError(f"upstream protocol error: {type(exc).__name__}", status=502) from None
+        self.rate_limits.record(response.headers)  # every answer, success or error, plain or streamed
         if response.status < 400:
             return response
         try:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmroute_sidecar.ratelimits import fingerprint
 from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Reply, ratelimit_headers
 
 from .harness import policy_document, running_sidecar
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
 USER: Any = [{"role": "user", "content": "Summarize: the printer is on fire"}]
+KEY = "sk-ant-ratelimit-test-key-0123456789"
 
 
 def exhausted(reset_in: float) -> dict[str, str]:
@@ -78,13 +80,15 @@ def _free_port() -> int:
 async def sidecar(fakes: tuple[FakeProvider, FakeProvider], tmp_path: Path) -> AsyncIterator[str]:
     """`llmroute sidecar --policy FILE` as a subprocess, with the default rateLimits (on, minRemaining 0)."""
     primary, fallback = fakes
+    document = policy_document(primary.url, fallback.url)
+    document["spec"]["providers"][0]["apiKey"] = {"env": "TEST_RATELIMIT_KEY"}
     path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy_document(primary.url, fallback.url)))
+    path.write_text(yaml.safe_dump(document))
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llmroute_sidecar.cli", "sidecar", "--policy", str(path),
         "--listen", f"127.0.0.1:{port}",
-        env={**os.environ, "PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}"},
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}", "TEST_RATELIMIT_KEY": KEY},
         stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -175,7 +179,8 @@ async def test_an_exhausted_limit_with_a_far_reset_sheds_with_zero_calls_to_the_
     assert sample(metrics, "llmroute_ratelimit_remaining_ratio", provider="claude", dimension="requests") == 0
     assert 25 < sample(metrics, "llmroute_ratelimit_reset_seconds", provider="claude", dimension="requests") <= 30
     status = await scrape(sidecar, "/status")
-    assert '"remaining":0' in status and '"key":"none"' in status
+    assert '"remaining":0' in status and f'"key":"{fingerprint(KEY)}"' in status
+    assert KEY not in status and KEY not in metrics  # the limits are the key's, but never show it
 
 
 async def test_the_primary_gets_traffic_again_after_the_reset(

@@ -187,7 +187,7 @@ async def test_the_primary_gets_traffic_again_after_the_reset(
     fakes: tuple[FakeProvider, FakeProvider], sidecar: str
 ) -> None:
     primary, _fallback = fakes
-    reset_in = 3.0  # beyond the 1 s budget: shed until then, not waited for
+    reset_in = 5.0  # beyond the 1 s budget: shed until then, not waited for
     reset_at = time.monotonic() + reset_in
     primary.script(Reply(headers=exhausted(reset_in)))
     primary.default = Reply(headers=plenty())
@@ -246,10 +246,11 @@ async def test_a_reset_within_the_budget_is_waited_for_instead_of_shed(
     fakes: tuple[FakeProvider, FakeProvider]
 ) -> None:
     primary, fallback = fakes
-    reset_at = time.monotonic() + 1.0
-    primary.script(Reply(headers=exhausted(1.0)))
+    reset_at = time.monotonic() + 2.0
+    primary.script(Reply(headers=exhausted(2.0)))
     async with running_sidecar(policy_document(primary.url, fallback.url, route={"budget": "4s"})) as (url, _):
         await ask(url, "anthropic")
+        assert time.monotonic() < reset_at - 0.3  # else this test would not show a wait
         headers = await ask(url, "openai")
         assert headers["llmroute-target"] == "primary" and "llmroute-shed-reason" not in headers
         assert primary.requests[1].received_at >= reset_at - 0.1  # it waited for the reset, then called
@@ -260,8 +261,8 @@ async def test_a_429s_retry_after_and_the_reading_agree_on_the_later(
     fakes: tuple[FakeProvider, FakeProvider]
 ) -> None:
     primary, fallback = fakes
-    reset_at = time.monotonic() + 1.0
-    primary.script(Fail(429, retry_after=0.05, headers=exhausted(1.0)), Reply())
+    reset_at = time.monotonic() + 2.0
+    primary.script(Fail(429, retry_after=0.05, headers=exhausted(2.0)), Reply())
     async with running_sidecar(policy_document(primary.url, fallback.url, route={"budget": "4s"})) as (url, _):
         headers = await ask(url, "anthropic")
         assert headers["llmroute-target"] == "primary"

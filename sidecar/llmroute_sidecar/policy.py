@@ -133,6 +133,19 @@ class StatusPage(Model):
     """Consecutive polls showing recovery before traffic returns."""
 
 
+class RateLimits(Model):
+    """Rate-limit-aware shedding from the provider's own rate-limit headers (Anthropic
+    `anthropic-ratelimit-*`, OpenAI `x-ratelimit-*`), read from every answer, per API key."""
+
+    enabled: bool = True
+    """Before an attempt, shed to the next target without calling when the provider has nothing left until a
+    reset beyond the route's budget, or wait for a reset that comes within it. Off: the headers are still read
+    for the metrics and `/status`, and never change routing."""
+    min_remaining: int = Field(default=0, ge=0, le=1_000_000_000)
+    """A floor: a dimension is treated as exhausted until its reset when the request would leave less than
+    this of it (requests: one; tokens: the request's estimated input). 0: only when the request does not fit."""
+
+
 class Provider(Model):
     """An LLM API account: its type, endpoint, key and optional status page."""
 
@@ -142,6 +155,7 @@ class Provider(Model):
     """As the provider's official SDK takes it; default per type."""
     api_key: ApiKey | None = None
     status_page: StatusPage | None = None
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
 
     @property
     def effective_base_url(self) -> str:

@@ -23,6 +23,7 @@ from .policy import LoadedPolicy, PolicyError, Provider, Route, Target, key_env_
 from .prompts import PromptTemplate, compile_template
 from .providers import adapter_for
 from .providers.base import Adapter
+from .ratelimits import ProviderLimits, RateLimitBook
 from .scrubbing import Keyring
 from .statusboard import StatusBoard
 from .statuspages import DEFAULT_MIN_INTERVAL
@@ -122,6 +123,7 @@ class Upstreams:
         self._budgets: dict[str, RetryBudget] = {}
         self.keyring = Keyring()
         """Every provider key held, scrubbed from whatever an upstream says (scrubbing.py)."""
+        self.rate_limits = RateLimitBook()
         self._status_session = self._new_session()
         self.status = StatusBoard(
             self._status_session,
@@ -162,6 +164,7 @@ class Upstreams:
             adapters[provider.name] = adapter_for(
                 provider, self.session(provider.effective_base_url), key, self.keyring
             )
+            adapters[provider.name].rate_limits = ProviderLimits(self.rate_limits, provider, key)
             budget = self._budgets.get(provider.name)
             if budget is None or budget.spec != spec.retry_budget:
                 self._budgets[provider.name] = RetryBudget(spec.retry_budget)

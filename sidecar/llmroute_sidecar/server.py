@@ -47,6 +47,7 @@ from .malformed import ServerLog
 from .messages import ChatRequest, StreamEnd, TextDelta
 from .policy import LoadedPolicy, PolicyError
 from .providers.base import StreamFrame
+from .ratelimits import RateLimitCollector
 from .reloading import PolicyWatcher
 from .runtime import CompiledRoute, CompiledTarget, Runtime, Upstreams
 from .scrubbing import hold_client_keys, printable
@@ -244,6 +245,7 @@ def create_app(
         state.body_timeout = body_timeout
         app[STATE] = state
         telemetry.read_state_with(lambda: _refresh_gauges(state))
+        telemetry.registry.register(RateLimitCollector(upstreams.rate_limits))
         watcher: PolicyWatcher | None = None
         if policy is not None:
             state.apply(policy)
@@ -794,6 +796,7 @@ async def status(request: web.Request) -> web.Response:
         "warnings": runtime.warnings if runtime else [],
         "providers": state.upstreams.status.snapshot(),
         "retryBudgets": {name: b.snapshot() for name, b in state.upstreams.budgets().items()},
+        "rateLimits": state.upstreams.rate_limits.snapshot(),
         "routes": routes,
         "load": {
             "inFlight": state.in_flight,

@@ -39,6 +39,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from .errors import ClientError, FailoverError, LLMRouteError, RateLimited, RetryableError, UpstreamError
 from .messages import ChatRequest, ChatResponse, is_content
 from .providers.base import AttemptTimeouts, StreamFrame
+from .ratelimits import SHED_REASON, estimate_input_tokens
 from .runtime import CompiledRoute, CompiledTarget
 from .telemetry import Telemetry
 
@@ -265,6 +266,16 @@ class Engine:
                         call.shed_reason = "retry-budget"
                     return None
             if not coalesced:
+                # The provider's own rate-limit headers: wait for a reset within `until`, or shed.
+                held = await target.adapter.rate_limits.hold(
+                    until, lambda: estimate_input_tokens(call.build(target)), _untried_left(call, target)
+                )
+                call.retry_wait += held.waited
+                if held.shed:
+                    call.attempts.append(AttemptRecord(target.name, "skipped", 0, SHED_REASON))
+                    if primary:
+                        call.shed_reason = SHED_REASON
+                    return None
                 try:
                     return await self._attempt(call, target, tries)
                 except ClientError as exc:
@@ -608,6 +619,12 @@ def _can_serve(call: Call, targets: list[CompiledTarget]) -> bool:
     any fallback), the primary is the last target standing and is tried once even when it would be
     skipped: its own error is what the app should hear, not "cannot translate" (HOSTILE U18)."""
     return any(target.adapter.untranslatable(call.build(target)) is None for target in targets)
+
+
+def _untried_left(call: Call, target: CompiledTarget) -> bool:
+    """Is there a target this call has not tried yet (somewhere a shed request can go)?"""
+    tried = {record.target for record in call.attempts}
+    return any(t is not target and t.name not in tried for t in call.route.targets)
 
 
 def _selected(quorum: object, headers: Mapping[str, str]) -> bool:

@@ -214,3 +214,42 @@ def test_seeded_runs_agree(tmp_path, monkeypatch):
     assert first["asked"] == second["asked"] and first["answered"] == second["answered"]
     assert abs(first["from_fallback"] - second["from_fallback"]) <= 0.05 * first["asked"]
     assert abs(first["calls_per_answer"] - second["calls_per_answer"]) <= 0.05
+
+
+def test_rate_limit_phases_send_the_providers_headers_and_429s_until_the_phase_ends():
+    scenario = load_scenario(SCENARIOS / "ratelimit-storm.yaml")
+    clock = ScenarioClock(4)
+    timeline = ProviderTimeline(build_segments(scenario, "primary"), clock, random.Random(1))
+    healthy = timeline.step_at(10.0, dialect="anthropic")
+    assert isinstance(healthy, Reply) and healthy.headers is not None
+    assert healthy.headers["anthropic-ratelimit-requests-limit"] == "4000"
+    assert healthy.headers["anthropic-ratelimit-requests-remaining"] == "3999"
+    storm = timeline.step_at(40.0, dialect="anthropic")
+    assert isinstance(storm, Fail) and storm.status == 429 and storm.headers is not None
+    assert storm.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert storm.retry_after == pytest.approx((50 - 40) / 4)  # until the phase ends, on the compressed clock
+    fallback = ProviderTimeline(build_segments(scenario, "fallback"), clock, random.Random(1))
+    answer = fallback.step_at(40.0, dialect="openai")
+    assert isinstance(answer, Reply) and answer.headers is not None
+    assert answer.headers["x-ratelimit-remaining-requests"] == "9999"
+    assert parse_duration(answer.headers["x-ratelimit-reset-requests"]) == pytest.approx(20 / 4)
+
+
+def test_the_rate_limit_storm_costs_far_fewer_429s_and_calls_with_rate_limits_on(tmp_path, monkeypatch):
+    """The shipped storm, simulated with the default policy and with `rateLimits.enabled: false`: reading
+    the headers spares the primary nearly every call during the storm."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "storm.json"
+    code = simulator_cli.main("simulate", [
+        "--scenario", "ratelimit-storm", "--speed", "4", "--only", "retry-and-shed-8s,retry-and-shed-8s-no-rl",
+        "--json", str(out),
+    ])
+    assert code == 0
+    by_name = {s["name"]: s for s in json.loads(out.read_text())["strategies"]}
+    on, off = by_name["retry-and-shed-8s"], by_name["retry-and-shed-8s-no-rl"]
+    assert on["asked"] == off["asked"] > 0 and on["answered"] == on["asked"]
+    assert on["sheds"].get("rate-limit", 0) > 0 and "rate-limit" not in off["sheds"]
+    # Only requests already in flight when the first 429 lands can meet one more; without the headers every
+    # request meets one until the circuit opens (ratios vary with how busy the machine is: README has them).
+    assert on["upstream_429"] < off["upstream_429"]
+    assert on["calls_per_answer"] <= off["calls_per_answer"]

@@ -45,6 +45,7 @@ from ..errors import (
 from ..keys import KeySource
 from ..messages import ChatRequest, ChatResponse, StreamEvent
 from ..policy import Provider
+from ..ratelimits import ProviderLimits, RateLimitBook
 from ..scrubbing import Keyring, Scrubber, printable, request_secrets
 from ..sse import SseEvent, SseParser
 
@@ -110,6 +111,8 @@ class Adapter:
         self.base_url = provider.effective_base_url
         self._keys = api_key if isinstance(api_key, KeySource) else KeySource.fixed(api_key)
         self._keyring = keyring
+        self.rate_limits = ProviderLimits(RateLimitBook(), provider, self._keys)
+        """The provider's rate-limit headers, read from every response (runtime.py shares one book)."""
 
     # ----- codec hooks: the provider's wire format -------------------------------------------------
     def url(self, model: str, stream: bool) -> str:
@@ -258,6 +261,7 @@ class Adapter:
             raise RetryableError(f"connection failed: {type(exc).__name__}", condition="connection") from None
         except aiohttp.ClientError as exc:
             raise RetryableError(f"upstream protocol error: {type(exc).__name__}", status=502) from None
+        self.rate_limits.record(response.headers)  # every answer, success or error, plain or streamed
         if response.status < 300:
             return response
         if response.status < 400:

@@ -365,6 +365,8 @@ class Variant:
     apply: Callable[[dict[str, Any], bool], None]
     """Edits the route in place; the flag says whether the status page stays on."""
     status_page: bool = False
+    rate_limits: bool = True
+    """False: the providers' `rateLimits.enabled: false` (their rate-limit headers never change routing)."""
 
 
 def _single_target(route: dict[str, Any], _: bool) -> None:
@@ -400,6 +402,8 @@ VARIANTS: tuple[Variant, ...] = (
             status_page=True),
     Variant("quorum-5%", "retryAndShed 8 s; 5 % of requests call both targets, first valid answer wins",
             _quorum),
+    Variant("retry-and-shed-8s-no-rl", "retryAndShed 8 s, rate-limit headers ignored (rateLimits.enabled: false)",
+            _retry_and_shed("8s"), rate_limits=False),
 )
 
 
@@ -410,6 +414,8 @@ def variant_policy(document: dict[str, Any], route: str, variant: Variant) -> di
     for provider in spec.get("providers", []):
         if not variant.status_page:
             provider.pop("statusPage", None)
+        if not variant.rate_limits:
+            provider["rateLimits"] = {**provider.get("rateLimits", {}), "enabled": False}
     variant.apply(_route_of(doc, route), variant.status_page)
     return doc
 
@@ -432,13 +438,13 @@ def simulate_parser() -> argparse.ArgumentParser:
 def comparison_table(summaries: list[tuple[Variant, Summary]]) -> Table:
     table = Table(title="strategies compared (latencies on the scenario clock)")
     for column in ("strategy", "answered / asked", "availability", "degraded", "p50", "p99",
-                   "calls / answer", "cost (USD)"):
+                   "calls / answer", "429s", "cost (USD)"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for variant, s in summaries:
         cpa = s.calls_per_answer
         table.add_row(variant.name, f"{s.answered} / {s.asked}", f"{s.availability:.2%}",
                       f"{s.degraded_share:.1%}", _short(s.p50), _short(s.p99),
-                      "-" if cpa is None else f"{cpa:.2f}", f"{s.cost_usd:.4f}")
+                      "-" if cpa is None else f"{cpa:.2f}", str(s.upstream_429), f"{s.cost_usd:.4f}")
     return table
 
 
@@ -447,7 +453,7 @@ def _headline(variant: Variant, s: Summary) -> dict[str, Any]:
     return {"name": variant.name, "asked": s.asked, "answered": s.answered,
             "availability": round(s.availability, 5), "degradedShare": round(s.degraded_share, 5),
             "p50": s.p50, "p99": s.p99, "callsPerAnswer": None if cpa is None else round(cpa, 4),
-            "costUsd": round(s.cost_usd, 6)}
+            "upstream429": s.upstream_429, "costUsd": round(s.cost_usd, 6)}
 
 
 def _short(value: float | None) -> str:

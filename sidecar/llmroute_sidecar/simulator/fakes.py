@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, NoReturn, Self, TypeAlias
 
@@ -53,6 +54,8 @@ __all__ = [
     "cdn_error_page",
     "close_transport",
     "error_payload",
+    "go_duration",
+    "ratelimit_headers",
 ]
 
 Dialect: TypeAlias = Literal["anthropic", "openai", "gemini"]
@@ -445,6 +448,41 @@ def error_payload(
         err["details"] = [
             {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}]
     return {"error": err}
+
+
+def ratelimit_headers(
+    dialect: Dialect, limits: Mapping[str, tuple[int, int, float]], wall: float | None = None
+) -> dict[str, str]:
+    """Rate-limit headers as the provider sends them on every answer, from ``dimension -> (limit, remaining,
+    seconds to reset)``. Anthropic: ``anthropic-ratelimit-{dimension}-{limit,remaining,reset}`` with the
+    reset as an RFC 3339 time (from ``wall``, default now); OpenAI: ``x-ratelimit-{limit,remaining,reset}-
+    {dimension}`` (``requests``, ``tokens``) with the reset as a Go duration. Gemini sends none."""
+    headers: dict[str, str] = {}
+    now = time.time() if wall is None else wall
+    for dimension, (limit, remaining, reset_in) in limits.items():
+        if dialect == "anthropic":
+            reset = datetime.fromtimestamp(now + reset_in, UTC).isoformat(timespec="milliseconds")
+            prefix = f"anthropic-ratelimit-{dimension}"
+            headers.update({f"{prefix}-limit": str(limit), f"{prefix}-remaining": str(remaining),
+                            f"{prefix}-reset": reset.replace("+00:00", "Z")})
+        elif dialect == "openai" and dimension in ("requests", "tokens"):
+            headers.update({f"x-ratelimit-limit-{dimension}": str(limit),
+                            f"x-ratelimit-remaining-{dimension}": str(remaining),
+                            f"x-ratelimit-reset-{dimension}": go_duration(reset_in)})
+    return headers
+
+
+def go_duration(seconds: float) -> str:
+    """Go's ``time.Duration`` spelling, as OpenAI's reset headers use it: ``6m0s``, ``1.5s``, ``20ms``."""
+    millis = max(0, round(seconds * 1000))
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 _CDN_TITLES = {

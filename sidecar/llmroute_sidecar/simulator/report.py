@@ -96,6 +96,8 @@ class Summary:
     max_latency: float | None = None
     calls_primary: int = 0
     calls_fallback: int = 0
+    upstream_429: int = 0
+    """429 answers the fakes gave (rate limits hit)."""
     cost_usd: float = 0.0
     fallback_in_microspikes: int = 0
     outage_p50: float | None = None
@@ -180,6 +182,7 @@ def summarize(
     summary.calls_primary = len(calls.get("primary", []))
     summary.calls_fallback = len(calls.get("fallback", []))
     summary.cost_usd = _cost([s for t in world.timelines.values() for s in t.served], pricing or {})
+    summary.upstream_429 = sum(1 for t in world.timelines.values() for s in t.served if s.outcome == "429")
 
     windows = scenario.windows()
     for window in windows:
@@ -278,7 +281,8 @@ def summary_lines(summary: Summary) -> list[str]:
         f"latency p50 {_seconds(summary.p50)}  p90 {_seconds(summary.p90)}  p99 {_seconds(summary.p99)}  "
         f"max {_seconds(summary.max_latency)}",
         f"upstream calls: primary {summary.calls_primary}, fallback {summary.calls_fallback}  "
-        f"per answer {'-' if cpa is None else f'{cpa:.3f}'}  cost ${summary.cost_usd:.4f}",
+        f"per answer {'-' if cpa is None else f'{cpa:.3f}'}  429s {summary.upstream_429}  "
+        f"cost ${summary.cost_usd:.4f}",
     ]
     if summary.errors:
         lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in summary.errors.items()))

@@ -48,7 +48,7 @@ from pydantic.alias_generators import to_camel
 from ..durations import format_duration, parse_duration
 from ..policy import Duration, load_policy
 from .fake_statuspage import CLAUDE_SUMMARY, OPENAI_SUMMARY, ComponentStatus, FakeStatusPage
-from .fakes import Fail, FakeProvider, Hang, RecordedRequest, Reply, Reset, Step
+from .fakes import Fail, FakeProvider, Hang, RecordedRequest, Reply, Reset, Step, ratelimit_headers
 
 Role = Literal["primary", "fallback"]
 ROLES: tuple[Role, ...] = ("primary", "fallback")
@@ -135,6 +135,20 @@ class Tokens(_Model):
     output: int = Field(default=200, ge=0)
 
 
+class RateLimit(_Model):
+    """Rate-limit headers the fake sends with every answer (success or error), named as its dialect names
+    them, for a window of one minute of scenario time. A phase's `rateLimit` overrides the baseline's field
+    by field."""
+
+    requests: int = Field(default=4000, ge=1)
+    """Requests per minute (the `requests` dimension)."""
+    input_tokens: int = Field(default=2_000_000, ge=1)
+    """Input tokens per minute (Anthropic `input-tokens` and `tokens`, OpenAI `tokens`)."""
+    exhausted: bool = False
+    """The organisation's requests are spent until the phase ends (another workload used them): every request
+    gets a 429 with `retry-after` and headers saying 0 remaining until then."""
+
+
 class Behaviour(_Model):
     """How a provider answers. Phases override the baseline field by field."""
 
@@ -149,6 +163,8 @@ class Behaviour(_Model):
     tokens: Tokens | None = None
     chunk_delay: Duration | None = None
     """Streams: time between deltas."""
+    rate_limit: RateLimit | None = None
+    """Rate-limit headers on every answer (none when unset)."""
 
     @model_validator(mode="after")
     def _rates(self) -> Self:
@@ -338,6 +354,7 @@ class Segment:
     retry_after: float | None
     tokens: Tokens
     chunk_delay: float
+    rate_limit: RateLimit | None = None
 
 
 _DEFAULT_LATENCY = Latency(dist="lognormal", median=0.3, p99=0.9)
@@ -352,6 +369,11 @@ def _resolve(start: float, end: float, name: str, kind: str, *layers: Behaviour 
         return None
 
     errors = pick("errors") or {}
+    rate_limit: RateLimit | None = None
+    for layer in layers:  # field by field: a phase saying `exhausted: true` keeps the baseline's limits
+        if layer is not None and layer.rate_limit is not None:
+            update = layer.rate_limit.model_dump(exclude_unset=True)
+            rate_limit = rate_limit.model_copy(update=update) if rate_limit else layer.rate_limit
     return Segment(
         start=start, end=end, name=name, kind=kind,
         latency=pick("latency") or _DEFAULT_LATENCY,
@@ -360,6 +382,7 @@ def _resolve(start: float, end: float, name: str, kind: str, *layers: Behaviour 
         retry_after=pick("retry_after"),
         tokens=pick("tokens") or Tokens(),
         chunk_delay=pick("chunk_delay") or 0.0,
+        rate_limit=rate_limit,
     )
 
 
@@ -461,6 +484,8 @@ class ProviderTimeline:
         self._seed = rng.getrandbits(64)
         self._arrivals: dict[int, int] = {}
         self.served: list[Served] = []
+        self._used: dict[int, list[int]] = {}
+        """Requests and input tokens per minute of scenario time, for the rate-limit headers."""
 
     def _draws(self, t: float) -> random.Random:
         """The random draws of one request: keyed by its DRAW_WINDOW of scenario time and its rank
@@ -476,10 +501,37 @@ class ProviderTimeline:
         index = bisect.bisect_right(self._starts, t) - 1
         return self.segments[max(0, min(index, len(self.segments) - 1))]
 
-    def step_at(self, t: float, model: str | None = None) -> Step:
+    def rate_limit_headers(self, segment: Segment, t: float, dialect: str | None) -> dict[str, str] | None:
+        """The segment's rate-limit headers for a request at `t` (counting it), resets in wall seconds."""
+        limit = segment.rate_limit
+        if limit is None or dialect not in ("anthropic", "openai"):
+            return None
+        minute = int(t // 60)
+        used = self._used.setdefault(minute, [0, 0])
+        used[0] += 1
+        used[1] += segment.tokens.input
+        if limit.exhausted:
+            requests_left, reset_requests = 0, segment.end - t
+        else:
+            requests_left, reset_requests = max(0, limit.requests - used[0]), (minute + 1) * 60 - t
+        tokens_left = max(0, limit.input_tokens - used[1])
+        speed = self.clock.speed
+        requests = (limit.requests, requests_left, reset_requests / speed)
+        tokens = (limit.input_tokens, tokens_left, ((minute + 1) * 60 - t) / speed)
+        dimensions = {"requests": requests, "tokens": tokens}
+        if dialect == "anthropic":
+            dimensions["input-tokens"] = tokens
+        return ratelimit_headers(dialect, dimensions)  # type: ignore[arg-type]
+
+    def step_at(self, t: float, model: str | None = None, dialect: str | None = None) -> Step:
         """The step for a request arriving at scenario time `t` (draws from the seeded RNG)."""
         segment = self.segment_at(t)
         speed = self.clock.speed
+        limits = self.rate_limit_headers(segment, t, dialect)
+        if segment.rate_limit is not None and segment.rate_limit.exhausted:
+            self.served.append(Served(t, segment.name, segment.kind, "429", model))
+            return Fail(429, retry_after=round((segment.end - t) / speed, 3), headers=limits,
+                        delay=segment.error_latency.sample(self._draws(t)) / speed)
         rng = self._draws(t)
         draw = rng.random()
         cumulative = 0.0
@@ -496,15 +548,15 @@ class ProviderTimeline:
                 retry_after = None
                 if segment.retry_after is not None and key in (429, 503, 529):
                     retry_after = round(segment.retry_after / speed, 3)
-                return Fail(int(key), retry_after=retry_after, delay=delay)
+                return Fail(int(key), retry_after=retry_after, delay=delay, headers=limits)
         delay = segment.latency.sample(rng) / speed
         tokens = segment.tokens
         self.served.append(Served(t, segment.name, segment.kind, "ok", model, tokens.input, tokens.output))
         return Reply(delay=delay, chunk_delay=segment.chunk_delay / speed,
-                     input_tokens=tokens.input, output_tokens=tokens.output)
+                     input_tokens=tokens.input, output_tokens=tokens.output, headers=limits)
 
     def decide(self, request: RecordedRequest) -> Step:
-        return self.step_at(self.clock.now(), request.model)
+        return self.step_at(self.clock.now(), request.model, request.dialect)
 
     def served_by_segment(self) -> dict[str, Counter[str]]:
         """Outcomes the fake served, per segment name (what the tests count)."""

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("file", type=Path)
     for name in ("operator", "webhook", "demo", "simulate"):
         commands.add_parser(name, help=f"run `{name}`", add_help=False)
+    commands.add_parser("top", help="a live view of a running sidecar", add_help=False)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=os.environ.get("LLMROUTE_LOG_LEVEL", "INFO"), format="%(message)s")
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmroute_operator.handlers import run_operator
 
         return run_operator(rest)
+    if args.command == "top":
+        from .top import main as top
+
+        return top(rest)
     if args.command == "webhook":
         from llmroute_operator.webhooks import run_webhook
 
@@ -134,6 +139,12 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
     await site.start()
+    metrics_listen = os.environ.get("LLMROUTE_METRICS_LISTEN")
+    metrics_runner = None
+    if metrics_listen:  # metrics only, off loopback, for Prometheus (see metricsport)
+        from .metricsport import start_metrics_listener
+
+        metrics_runner = await start_metrics_listener(app, metrics_listen)
     _tune_gc()
     logging.getLogger("llmroute").info(
         orjson.dumps({"event": "listening", "address": f"{host}:{port}", "policy": str(policy)}).decode()
@@ -145,6 +156,8 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
     await stop.wait()
     logging.getLogger("llmroute").info(orjson.dumps({"event": "draining"}).decode())
     await shut_down(runner, drain_timeout)  # readiness off, stop accepting, drain, then end what is left
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: help venv test lint demo bench simulate crds check e2e-kind clean
+.PHONY: help venv test lint demo bench simulate crds dashboards check e2e-kind clean
 
 help: ## show this help
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,8 +42,12 @@ bench: $(STAMP) ## sidecar overhead vs a bare pass-through proxy (latency, throu
 crds: $(STAMP) ## regenerate the CRD from the policy model
 	$(PY) -m llmroute_operator.crdgen
 
+dashboards: $(STAMP) ## regenerate the chart's Grafana dashboard from llmroute_operator.dashboardgen
+	$(PY) -m llmroute_operator.dashboardgen
+
 check: $(STAMP) ## fail when generated files drifted from their source
 	$(PY) -m llmroute_operator.crdgen --check
+	$(PY) -m llmroute_operator.dashboardgen --check
 
 e2e-kind: $(STAMP) ## end-to-end on a kind cluster (needs docker and kind; see README)
 	bash tests/e2e/kind.sh

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: help venv test lint demo bench simulate crds dashboards check e2e-kind clean
+.PHONY: help venv test lint demo bench simulate crds dashboards dashboard-picture check e2e-kind clean
 
 help: ## show this help
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ crds: $(STAMP) ## regenerate the CRD from the policy model
 
 dashboards: $(STAMP) ## regenerate the chart's Grafana dashboard from llmroute_operator.dashboardgen
 	$(PY) -m llmroute_operator.dashboardgen
+
+dashboard-picture: $(STAMP) ## docs/dashboard.png: the dashboard's queries answered by a real Prometheus during the demo
+	LLMROUTE_DASHBOARD_PNG=docs/dashboard.png $(PY) -m pytest tests/monitoring/test_prometheus_e2e.py -q
 
 check: $(STAMP) ## fail when generated files drifted from their source
 	$(PY) -m llmroute_operator.crdgen --check

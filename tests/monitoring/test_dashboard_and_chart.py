@@ -37,13 +37,14 @@ def dashboard() -> dict[str, Any]:
     return loaded
 
 
-def panel_queries(document: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, PromQL) for every query of every panel, rows' nested panels included."""
-    queries = []
+def panel_queries(document: dict[str, Any], legends: bool = False) -> list[Any]:
+    """(panel title, PromQL[, legend]) for every query of every panel, rows' nested panels included."""
+    queries: list[Any] = []
     for panel in document["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
             for target in inner.get("targets") or []:
-                queries.append((inner["title"], target["expr"]))
+                row = (inner["title"], target["expr"], target.get("legendFormat", ""))
+                queries.append(row if legends else row[:2])
     return queries
 
 

@@ -5,8 +5,8 @@
 It reads the sidecar's `GET /status` (routes, circuits, status pages, retry budgets, the last minute's
 fallback share) and `GET /metrics` (counters), and redraws in place every `--interval` seconds; rates are
 the counters' difference between two reads, so the first frame shows totals only. `--once` prints one
-frame and exits (scripts, screenshots). With kubectl: `kubectl port-forward pod/my-app-0 8787` first
-(the sidecar listens on the pod's loopback), or point `--url` at the metrics listener for metrics only.
+frame, with rates over one interval, and exits (scripts, screenshots). In a cluster, run
+`kubectl port-forward pod/my-app-0 8787` first: the sidecar listens on the pod's loopback.
 
 The view is a pure function of two reads (`build_view`), drawn by rich; rich is imported when drawing,
 so the sidecar itself never needs it.
@@ -15,6 +15,7 @@ so the sidecar itself never needs it.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -199,7 +200,8 @@ def render(view: View, url: str, problem: str | None = None) -> RenderableType:
     state = Text("ready", style="green") if view.ready else Text("NOT READY", style="bold red")
     header = Text.assemble(
         ("llmroute top ", "bold"), (url, "cyan"), "  policy ", (view.policy, "bold"),
-        f" (generation {view.generation})  ", state, f"  up {view.uptime:.0f}s",
+        f" (generation {view.generation})  " if view.generation is not None else "  ", state,
+        f"  up {view.uptime:.0f}s",
     )
     parts: list[RenderableType] = [header]
     if view.error:
@@ -248,9 +250,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmroute top", description="A live view of a running sidecar.")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the sidecar (default {DEFAULT_URL})")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per read would scroll the view away
     from rich.console import Console
     from rich.live import Live
 
@@ -258,7 +261,9 @@ def main(argv: list[str]) -> int:
     with httpx.Client(timeout=min(5.0, max(1.0, args.interval))) as client:
         if args.once:
             try:
-                console.print(render(build_view(read_sidecar(client, url)), url))
+                first = read_sidecar(client, url)
+                time.sleep(args.interval)
+                console.print(render(build_view(read_sidecar(client, url), first), url))
             except httpx.HTTPError as exc:
                 print(f"llmroute top: cannot read {url}: {exc}", file=sys.stderr)
                 return 1

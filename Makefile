@@ -16,14 +16,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: help venv test lint demo bench simulate crds dashboards dashboard-picture check e2e-kind clean
+.PHONY: help venv prometheus-tools test lint demo bench simulate crds dashboards dashboard-picture check e2e-kind clean
 
 help: ## show this help
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv with the project and its test tools
 
-test: $(STAMP) ## run every test (sidecar, operator, CRDs, chart, lint)
+# tests/monitoring run Debian's promtool and prometheus (package `prometheus`); installed here, outside the
+# tests' timeouts, when missing and root (as in CI). Without root the tests skip with this hint (not under CI).
+prometheus-tools: ## install Debian's prometheus package (promtool) for tests/monitoring when missing
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }; \
+	else echo "tests/monitoring need promtool and prometheus: apt-get install -y --no-install-recommends prometheus"; fi
+
+test: $(STAMP) prometheus-tools ## run every test (sidecar, operator, CRDs, chart, lint)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict

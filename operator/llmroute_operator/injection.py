@@ -35,14 +35,7 @@ from llmroute_sidecar.policy import KEY_MOUNT_DIR, LoadedPolicy, key_env_var
 
 from . import INJECT_ANNOTATION, INJECTED_ANNOTATION, POLICY_ANNOTATION
 from .reconcile import configmap_name
-from .settings import (
-    POLICY_FILE,
-    POLICY_MOUNT_DIR,
-    SIDECAR_LISTEN,
-    SIDECAR_METRICS_PORT_NAME,
-    SIDECAR_PORT,
-    Settings,
-)
+from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_METRICS_PORT_NAME, SIDECAR_PORT, Settings
 
 SIDECAR_NAME = "llmroute"
 POLICY_VOLUME = "llmroute-policy"

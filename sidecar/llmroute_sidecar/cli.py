@@ -144,7 +144,12 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
     if metrics_listen:  # metrics only, off loopback, for Prometheus (see metricsport)
         from .metricsport import start_metrics_listener
 
-        metrics_runner = await start_metrics_listener(app, metrics_listen)
+        try:
+            metrics_runner = await start_metrics_listener(app, metrics_listen)
+        except OSError as exc:  # e.g. the app uses that port: serve the app's LLM calls all the same
+            logging.getLogger("llmroute").error(orjson.dumps(
+                {"event": "metrics_listener_failed", "address": metrics_listen, "error": str(exc)}
+            ).decode())
     _tune_gc()
     logging.getLogger("llmroute").info(
         orjson.dumps({"event": "listening", "address": f"{host}:{port}", "policy": str(policy)}).decode()

@@ -6,6 +6,8 @@ whoever reaches it spends the provider keys. Prometheus scrapes from another pod
 `llmroute-metrics`, which the chart's PodMonitor selects) opens a listener whose app has exactly two
 routes: `GET /metrics` (the same exposition as the main listener's) and `GET /healthz`. Nothing else is
 routed there, so nothing that calls a provider is reachable off the pod. Unset: no second listener.
+A port it cannot bind (the app uses it) is logged as `metrics_listener_failed` and the sidecar serves the
+app all the same: metrics must never cost the LLM calls (the scrape failing is what the alerts see).
 """
 
 from __future__ import annotations

@@ -143,3 +143,30 @@ async def _until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def test_a_taken_metrics_port_is_logged_and_the_sidecar_serves_all_the_same(fakes, tmp_path):
+    primary, fallback = fakes
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy_document(primary.url, fallback.url)))
+    port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmroute_sidecar.cli", "sidecar", "--policy", str(path),
+            "--listen", f"127.0.0.1:{port}",
+            env={**os.environ, "PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}",
+                 "LLMROUTE_METRICS_LISTEN": f"127.0.0.1:{taken.getsockname()[1]}"},
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                await _until_ready(session, url)
+                async with session.post(f"{url}/v1/routes/summarize", json={"variables": {"text": "a"}}) as r:
+                    assert r.status == 200
+        finally:
+            process.terminate()
+            _, err = await process.communicate()
+    assert '"event":"metrics_listener_failed"' in err.decode()

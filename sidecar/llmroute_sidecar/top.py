@@ -188,14 +188,19 @@ def _seconds(value: float | None) -> str:
     return f"{value:.1f}s"
 
 
+def _need_rich() -> None:
+    try:
+        import rich  # noqa: F401
+    except ImportError:  # rich comes with the demo's dependencies, not necessarily with the sidecar's
+        raise SystemExit("llmroute top draws with rich: pip install rich (or 'llmroute[demo]')") from None
+
+
 def render(view: View, url: str, problem: str | None = None) -> RenderableType:
     """The frame, as rich renderables."""
-    try:
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:  # pragma: no cover - rich ships with the demo's dependencies
-        raise SystemExit("llmroute top draws with rich: pip install 'llmroute[demo]' (or rich)") from None
+    _need_rich()
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
 
     state = Text("ready", style="green") if view.ready else Text("NOT READY", style="bold red")
     header = Text.assemble(
@@ -254,6 +259,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per read would scroll the view away
+    _need_rich()
     from rich.console import Console
     from rich.live import Live
 

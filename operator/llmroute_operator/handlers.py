@@ -30,7 +30,7 @@ from llmroute_sidecar.policy import PolicyError
 from llmroute_sidecar.statuspolling import RelayUnavailable
 from llmroute_sidecar.statusrelay import RelayClient
 
-from . import GROUP, PLURAL, VERSION
+from . import GROUP, PLURAL, VERSION, metrics
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import (
     MISSING_SECRET,
@@ -155,9 +155,12 @@ async def refresh_shedding(memo: OperatorMemo, relay: RelayClient, logger: loggi
         await asyncio.sleep(interval)
         try:
             pages = await relay.fetch(max_age=interval / 2)
+            metrics.relay_read(ok=True)
             for body in await memo.api().list_policies():
                 await _refresh_policy_shedding(memo, body, pages)
         except (RelayUnavailable, KubeApiError) as exc:
+            if isinstance(exc, RelayUnavailable):
+                metrics.relay_read(ok=False)
             if str(exc) != reported:
                 logger.info("shedding providers not refreshed: %s", exc)
             reported = str(exc)
@@ -201,6 +204,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: 
         patch.status.update(build_status(previous, policy=exc, generation=generation, now=now, configmap=target))
         logger.info("policy %s/%s is invalid: %s", namespace, name, exc)
         kopf.warn(body, reason="InvalidPolicy", message="; ".join(exc.problems))
+        metrics.reconciled("invalid")
         return
 
     kopf.adopt(desired, owner=body)
@@ -219,6 +223,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: 
         references = referenced_secrets(policy)
         keys = {secret: await kube.read_secret_keys(namespace, secret) for secret, _ in references}
     except KubeApiError as exc:
+        metrics.reconciled("api_error")
         raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=API_RETRY_DELAY) from exc
 
     missing = missing_secrets(references, keys)
@@ -230,6 +235,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: 
             missing=missing, configmap_error=conflict,
         )
     )  # fmt: skip
+    metrics.reconciled("conflict" if conflict else "ok")
 
 
 def _ours(configmap: Mapping[str, Any], policy_name: str) -> bool:
@@ -278,6 +284,7 @@ def run_operator(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    metrics.serve_operator_metrics(settings.metrics_port)
     asyncio.run(
         kopf.operator(memo=OperatorMemo(settings=settings), **operator_options(settings, standalone=args.standalone))
     )

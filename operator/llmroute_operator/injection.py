@@ -21,6 +21,8 @@ nothing here talks to the network, so every rule is tested on plain dicts:
 
 The sidecar listens on loopback only (it spends the keys; no other pod may reach it), so its probes
 are exec probes making the HTTP GET from inside the pod: a kubelet `httpGet` goes to the pod IP.
+Only its metrics-only listener (`Settings.sidecar_metrics_port`, container port `llmroute-metrics`)
+listens on the pod IP, for the chart's PodMonitor: app containers need no change to be scraped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from llmroute_sidecar.policy import KEY_MOUNT_DIR, LoadedPolicy, key_env_var
 
 from . import INJECT_ANNOTATION, INJECTED_ANNOTATION, POLICY_ANNOTATION
 from .reconcile import configmap_name
-from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_PORT, Settings
+from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_METRICS_PORT_NAME, SIDECAR_PORT, Settings
 
 SIDECAR_NAME = "llmroute"
 POLICY_VOLUME = "llmroute-policy"
@@ -115,6 +117,8 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
     ]
     if settings.status_relay:
         env.append({"name": "LLMROUTE_STATUS_RELAY", "value": settings.status_relay})
+    if settings.sidecar_metrics_port:
+        env.append({"name": "LLMROUTE_METRICS_LISTEN", "value": f"0.0.0.0:{settings.sidecar_metrics_port}"})
     for provider in policy.spec.providers:
         ref = provider.api_key.secret_key_ref if provider.api_key else None
         if ref is not None:
@@ -130,7 +134,7 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
     ]
     if _key_sources(policy):
         mounts.append({"name": KEYS_VOLUME, "mountPath": KEY_MOUNT_DIR, "readOnly": True})
-    return {
+    container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": settings.sidecar_image,
         "imagePullPolicy": settings.sidecar_image_pull_policy,
@@ -152,6 +156,11 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if settings.sidecar_metrics_port:
+        container["ports"] = [
+            {"name": SIDECAR_METRICS_PORT_NAME, "containerPort": settings.sidecar_metrics_port, "protocol": "TCP"}
+        ]
+    return container
 
 
 def _key_sources(policy: LoadedPolicy) -> list[dict[str, Any]]:

@@ -18,6 +18,10 @@ from llmroute_sidecar import __version__
 SIDECAR_PORT = 8787
 """The sidecar listens on loopback only: it holds the provider keys, so no other pod may reach it."""
 SIDECAR_LISTEN = f"127.0.0.1:{SIDECAR_PORT}"
+SIDECAR_METRICS_PORT = 9787
+"""The injected sidecar's metrics-only listener on the pod IP (`llmroute_sidecar.metricsport`)."""
+SIDECAR_METRICS_PORT_NAME = "llmroute-metrics"
+"""Its container port's name: what the chart's PodMonitor selects."""
 POLICY_MOUNT_DIR = "/etc/llmroute"
 POLICY_FILE = f"{POLICY_MOUNT_DIR}/policy.json"
 
@@ -53,6 +57,14 @@ class Settings:
     shedding_refresh_interval: float = 30.0
     """`LLMROUTE_SHEDDING_REFRESH_INTERVAL` (seconds): how often each policy's `status.sheddingProviders`
     is refreshed from the status relay (`LLMROUTE_STATUS_RELAY`)."""
+
+    metrics_port: int = 8082
+    """`LLMROUTE_METRICS_PORT`: the reconciler's Prometheus metrics, `GET /metrics` (0: not served). The
+    webhook serves its metrics on the relay port."""
+
+    sidecar_metrics_port: int = SIDECAR_METRICS_PORT
+    """`LLMROUTE_SIDECAR_METRICS_PORT`: the port of the injected sidecar's metrics-only listener, named
+    `llmroute-metrics` for the chart's PodMonitor (0: no such listener; `/metrics` stays loopback-only)."""
 
     webhook_port: int = 8443
     """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""
@@ -127,6 +139,8 @@ class Settings:
         values["peering"] = get("LLMROUTE_PEERING")
         number("LLMROUTE_HEALTH_PORT", "health_port", int)
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
+        number("LLMROUTE_METRICS_PORT", "metrics_port", int)
+        number("LLMROUTE_SIDECAR_METRICS_PORT", "sidecar_metrics_port", int)
         number("LLMROUTE_RELAY_PORT", "relay_port", int)
         number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
         number("LLMROUTE_SHEDDING_REFRESH_INTERVAL", "shedding_refresh_interval", float)

@@ -41,6 +41,7 @@ from aiohttp import web
 from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
+from . import metrics
 from .injection import inject, injection_conflicts, json_patch, requested_policy
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import READY, load_cluster_policy
@@ -210,7 +211,9 @@ async def _mutate_pods(request: web.Request) -> web.Response:
     except KubeApiError as exc:
         # The chart's failurePolicy decides (Ignore: admitted uninjected; Fail: refused).
         log.warning("cannot read the policy for pod admission %s: %s", admission["uid"], exc)
+        metrics.admitted(None)
         return web.json_response({"error": str(exc)}, status=500)
+    metrics.admitted(verdict)
     return web.json_response(admission_response(admission["uid"], verdict))
 
 
@@ -398,7 +401,7 @@ async def serve(
         try:
             for app, port, ssl_context in (
                 (build_webhook_app(settings, source), settings.webhook_port, context),
-                (build_relay_app(board), settings.relay_port, None),
+                (metrics.add_metrics_route(build_relay_app(board), board), settings.relay_port, None),
             ):
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()

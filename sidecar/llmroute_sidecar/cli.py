@@ -39,6 +39,7 @@ COMMANDS = {
     "webhook": "run the sidecar-injection admission webhook and the status-page relay",
     "demo": "watch failover work: fake providers, a fake status page and the real sidecar (about a minute)",
     "simulate": "compare failover strategies on a scenario through the real sidecar",
+    "top": "a live terminal view of a running sidecar: routes, targets, circuits, status pages, fallback share",
 }
 """Commands whose arguments their own parser reads (`llmroute demo --help`)."""
 
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmroute_operator.handlers import run_operator
 
         return run_operator(rest)
+    if args.command == "top":
+        from .top import main as top
+
+        return top(rest)
     if args.command == "webhook":
         from llmroute_operator.webhooks import run_webhook
 
@@ -190,6 +195,17 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
     await site.start()
+    metrics_listen = os.environ.get("LLMROUTE_METRICS_LISTEN")
+    metrics_runner = None
+    if metrics_listen:  # metrics only, off loopback, for Prometheus (see metricsport)
+        from .metricsport import start_metrics_listener
+
+        try:
+            metrics_runner = await start_metrics_listener(app, metrics_listen)
+        except OSError as exc:  # e.g. the app uses that port: serve the app's LLM calls all the same
+            logging.getLogger("llmroute").error(orjson.dumps(
+                {"event": "metrics_listener_failed", "address": metrics_listen, "error": str(exc)}
+            ).decode())
     _tune_gc()
     logging.getLogger("llmroute").info(
         orjson.dumps({"event": "listening", "address": f"{host}:{port}", "policy": str(policy)}).decode()
@@ -201,6 +217,8 @@ async def serve(
     await stop.wait()
     logging.getLogger("llmroute").info(orjson.dumps({"event": "draining"}).decode())
     await shut_down(runner, drain_timeout)  # readiness off, stop accepting, drain, then end what is left
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
 
 
 if __name__ == "__main__":

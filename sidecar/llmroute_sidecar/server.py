@@ -459,7 +459,8 @@ def recorded_content(call: Call, answer: Answer | None) -> dict[str, Any]:
 
 def record_usage(state: SidecarState, answer: Answer, model: str, usage: Any) -> None:
     state.telemetry.usage(
-        answer.target.provider.name, model, usage, state.telemetry.price(model, answer.target.spec.model)
+        answer.target.provider.name, model, usage, state.telemetry.price(model, answer.target.spec.model),
+        route=answer.target.route,
     )
 
 
@@ -825,6 +826,10 @@ def _refresh_gauges(state: SidecarState) -> None:
         state.telemetry.circuit.labels(target).set(is_open)
     for reason, count in state.upstreams.status.error_counts().items():
         state.telemetry.status_fetch_errors.labels(reason).set(count)
+    state.telemetry.ready.set(1 if state.runtime is not None and not state.draining else 0)
+    state.telemetry.policy_load_failing.set(1 if state.last_error is not None else 0)
+    for provider, budget in state.upstreams.budgets().items():
+        state.telemetry.retry_budget_available.labels(provider).set(max(0.0, budget.allowance()))
 
 
 def _sum_samples(counter: Any, labels: dict[str, str]) -> float:

@@ -509,6 +509,7 @@ class Engine:
                     answer.response.model,
                     answer.response.usage,
                     self.telemetry.price(answer.response.model, answer.target.spec.model),
+                    route=answer.target.route,
                 )
             await _discard(answer)
 

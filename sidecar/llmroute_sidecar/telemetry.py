@@ -22,7 +22,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, set_span_in_context
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from .messages import ChatResponse, Usage
 from .policy import Price, Provider
@@ -220,6 +220,10 @@ class Telemetry:
         )
         self.cost = Counter("llmroute_cost_usd", "Upstream cost in USD (policy pricing).", ["provider", "model"],
                             registry=r)
+        self.route_cost = Counter(
+            "llmroute_route_cost_usd", "Upstream cost in USD (policy pricing), by route.", ["route", "provider"],
+            registry=r,
+        )
         self.quorum_calls = Counter(
             "llmroute_quorum_calls", "Quorum and hedge calls, by result.", ["route", "result"], registry=r
         )
@@ -233,6 +237,18 @@ class Telemetry:
         self.load_shed = Counter(
             "llmroute_load_shed", "Requests refused unread: the sidecar was at capacity.", ["reason"], registry=r
         )
+        # Read at scrape time (`read_state_with`), for the chart's alerts and dashboard (docs/runbook.md).
+        self.ready = Gauge("llmroute_ready", "1 while the sidecar has a valid policy and is not draining.", registry=r)
+        self.policy_load_failing = Gauge(
+            "llmroute_policy_load_failing",
+            "1 while the newest policy was refused and the last good one keeps serving.", registry=r,
+        )
+        self.retry_budget_available = Gauge(
+            "llmroute_retry_budget_available", "Retries the provider's retry budget still allows in its window.",
+            ["provider"], registry=r,
+        )
+        # CPU seconds and RSS of this process (`process_*`): the sidecar's own cost, beside the app's.
+        ProcessCollector(registry=r)
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("llmroute")
         self.tracing = tracer_provider is not None
         """False: no exporter configured, and spans cost nothing at all on the hot path."""
@@ -320,12 +336,14 @@ class Telemetry:
                 return self.pricing[model]
         return None
 
-    def usage(self, provider: str, model: str, usage: Usage, price: Price | None) -> None:
+    def usage(self, provider: str, model: str, usage: Usage, price: Price | None, route: str | None = None) -> None:
         self._child(self.tokens, provider, model, "input").inc(usage.input_tokens)
         self._child(self.tokens, provider, model, "output").inc(usage.output_tokens)
         if price is not None:
             cost = (usage.input_tokens * price.input + usage.output_tokens * price.output) / 1_000_000
             self._child(self.cost, provider, model).inc(cost)
+            if route is not None:
+                self._child(self.route_cost, route, provider).inc(cost)
 
     # ----- attempt level (engine) ----------------------------------------------------------------------
     def attempt_span(self, parent: Span, target: Any, model: str, step: int, stream: bool) -> AttemptSpan:

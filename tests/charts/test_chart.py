@@ -403,6 +403,7 @@ def test_rbac_is_least_privilege() -> None:
     assert granted["llmroute-operator"] == {
         ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
         ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
+        ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
         ("", "configmaps"): {"get", "create", "patch"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create"},
@@ -421,6 +422,8 @@ def test_rbac_is_least_privilege() -> None:
 KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolicies (kopf docs: "Deployment")
     ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},  # watch-stream; finalizer, annotations
     ("llmroute.dev", "llmroutepolicies/status"): {"patch"},  # status subresource
+    # not a call: owner references with blockOwnerDeletion need it under OwnerReferencesPermissionEnforcement
+    ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},
     ("", "events"): {"create"},  # kopf.event/kopf.warn post core/v1 Events
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
 }

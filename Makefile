@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: help venv test lint demo bench simulate crds check e2e-kind clean
+.PHONY: help venv test lint demo bench simulate crds check e2e e2e-kind clean
 
 help: ## show this help
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ crds: $(STAMP) ## regenerate the CRD from the policy model
 
 check: $(STAMP) ## fail when generated files drifted from their source
 	$(PY) -m llmroute_operator.crdgen --check
+
+e2e: $(STAMP) ## operator, chart and webhook against a real kube-apiserver (builds it with Go once; see README)
+	bash tests/e2e/apiserver/build.sh >/dev/null
+	$(PY) -m pytest -m e2e tests/e2e --timeout 300 $(PYTEST_ARGS)
 
 e2e-kind: $(STAMP) ## end-to-end on a kind cluster (needs docker and kind; see README)
 	bash tests/e2e/kind.sh

@@ -337,24 +337,21 @@ def running_cluster(workdir: Path) -> Iterator[Cluster]:
             return cluster.api("GET", "/readyz", timeout=5) == "ok"
 
         wait_for("kube-apiserver /readyz", ready, timeout=180, interval=0.5)
-        controller_manager = binaries.get("kube-controller-manager")
-        if controller_manager is not None:
-            cluster.processes.append(
-                start_process(
-                    "kube-controller-manager",
-                    [
-                        str(controller_manager),
-                        f"--kubeconfig={admin_kubeconfig}",
-                        "--leader-elect=false",
-                        "--secure-port=0",
-                        f"--controllers={','.join(CONTROLLERS)}",
-                        f"--service-account-private-key-file={sa_private}",
-                        f"--root-ca-file={ca_path}",
-                        "--concurrent-gc-syncs=5",
-                    ],
-                    logs,
-                )
+        cluster.processes.append(
+            start_process(
+                "kube-controller-manager",
+                [
+                    str(binaries["kube-controller-manager"]),
+                    f"--kubeconfig={admin_kubeconfig}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    f"--controllers={','.join(CONTROLLERS)}",
+                    f"--service-account-private-key-file={sa_private}",
+                    f"--root-ca-file={ca_path}",
+                ],
+                logs,
             )
+        )
         yield cluster
     finally:
         for process in reversed(cluster.processes):

@@ -3,8 +3,8 @@ helm, and the operator and the webhook run as local processes configured as the 
 configure them (their environment is read from the rendered manifests), authenticated with tokens the
 API server issues for the chart's ServiceAccounts.
 
-Every test under tests/e2e carries the `e2e` marker; `make test` deselects them (pyproject's addopts),
-`make e2e` selects them. Process logs are kept in the session's temporary directory.
+Every test module here is marked `e2e`; `make test` deselects them (pyproject's addopts), `make e2e`
+selects them. Process logs are kept in the session's temporary directory.
 """
 
 from __future__ import annotations
@@ -33,13 +33,6 @@ LLMROUTE = Path(sys.executable).parent / "llmroute"
 OPERATOR_ACCOUNT = f"{RELEASE}-operator"
 WEBHOOK_ACCOUNT = f"{RELEASE}-webhook"
 TLS_SECRET = f"{RELEASE}-webhook-tls"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.path)).parents:
-            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +118,8 @@ def release(cluster: Cluster) -> Release:
             }
         },
     )
-    default_account = f"/api/v1/namespaces/{APP_NAMESPACE}/serviceaccounts/default"
-    if "kube-controller-manager" in cluster.binaries:  # its serviceaccount controller makes it
-        wait_for("the app namespace's default ServiceAccount", lambda: cluster.get(default_account), timeout=60)
-    else:
-        cluster.api("POST", default_account.rpartition("/")[0], {"metadata": {"name": "default"}})
+    default_account = f"/api/v1/namespaces/{APP_NAMESPACE}/serviceaccounts/default"  # pods need it
+    wait_for("the controller manager to make the default ServiceAccount", lambda: cluster.get(default_account))
     return Release(cluster, webhook_port, values)
 
 

@@ -108,8 +108,6 @@ def test_a_deployments_pod_gets_the_native_sidecar_as_the_server_validated_it(
     release: Release, webhook: Component, support_bot: dict[str, Any]
 ) -> None:
     cluster = release.cluster
-    if "kube-controller-manager" not in cluster.binaries:
-        pytest.skip("built without kube-controller-manager (LLMROUTE_E2E_CONTROLLER_MANAGER=0)")
     template = pod("my-app", "support-bot")
     deployment = {
         "apiVersion": "apps/v1",

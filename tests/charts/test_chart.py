@@ -403,6 +403,7 @@ def test_rbac_is_least_privilege() -> None:
     assert granted["llmroute-operator"] == {
         ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
         ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
+        ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
         ("", "configmaps"): {"get", "create", "patch"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create"},
@@ -421,6 +422,8 @@ def test_rbac_is_least_privilege() -> None:
 KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolicies (kopf docs: "Deployment")
     ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},  # watch-stream; finalizer, annotations
     ("llmroute.dev", "llmroutepolicies/status"): {"patch"},  # status subresource
+    # not a call: owner references with blockOwnerDeletion need it under OwnerReferencesPermissionEnforcement
+    ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},
     ("", "events"): {"create"},  # kopf.event/kopf.warn post core/v1 Events
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
 }
@@ -645,3 +648,14 @@ def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
         assert not [c for c in commands if "apply -f crds" in c], name
     assert "crds.enabled=false" not in script
     assert "examples/deployment.yaml" not in script  # its image is illustrative, not pullable
+
+
+def test_webhook_url_points_the_configuration_out_of_the_cluster_for_testing() -> None:
+    """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle; https only."""
+    url = "https://127.0.0.1:9443/mutate-pods"
+    [hook] = only(render("--set", f"webhook.url={url}"), "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["clientConfig"]["url"] == url and "service" not in hook["clientConfig"]
+    assert hook["clientConfig"]["caBundle"]
+    for refused in ("http://127.0.0.1:9443/mutate-pods", "https://", "127.0.0.1:9443"):
+        result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", f"webhook.url={refused}")
+        assert result.returncode != 0 and "/webhook/url" in result.stderr, (refused, result.stderr)

@@ -21,3 +21,6 @@ INJECTED_ANNOTATION = f"{GROUP}/injected"
 """Written by the webhook: `<policy>@<configHash>`; its presence makes re-admission a no-op."""
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 """On the rendered ConfigMap: the configHash of the policy it was rendered from."""
+LAST_GOOD_ANNOTATION = f"{GROUP}/last-good-config"
+"""Written by the webhook on a pod injected with the policy's last good config instead of its current
+spec (invalid, or not yet rendered): why."""

@@ -455,6 +455,23 @@ def status_schema() -> Schema:
                 "type": "string",
                 "description": "Digest of the effective spec; injected pods carry it in their annotation.",
             },
+            "secretKeyRefs": {
+                "type": "array",
+                "maxItems": 64,
+                "description": (
+                    "The Secret key of each provider in the config the ConfigMap holds (configHash): what the "
+                    "webhook injects while a newer spec is invalid or not yet rendered."
+                ),
+                "items": {
+                    "type": "object",
+                    "required": ["provider", "name", "key"],
+                    "properties": {
+                        "provider": {"type": "string", "maxLength": 63},
+                        "name": {"type": "string", "maxLength": 253},
+                        "key": {"type": "string", "maxLength": 253},
+                    },
+                },
+            },
             "routes": {
                 "type": "array",
                 "maxItems": 128,

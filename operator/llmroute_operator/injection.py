@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llmroute_sidecar.policy import KEY_MOUNT_DIR, LoadedPolicy, key_env_var
@@ -53,6 +54,50 @@ APP_ENV: dict[str, str] = {
 """Set in every app container unless it sets the variable itself."""
 
 _PROBE_SCRIPT = f"import sys, urllib.request; urllib.request.urlopen('{SIDECAR_URL}' + sys.argv[1], timeout=2)"
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    """One provider's key: Secret `name`, its `key`, given to the sidecar as that provider's."""
+
+    provider: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class SidecarSource:
+    """What the injected sidecar is built from: the policy's name, the configHash its ConfigMap holds, and
+    the Secret keys of its providers. Taken from the current spec when the ConfigMap holds it, else from
+    the last good config the operator recorded in the policy's status (`last_good_source`)."""
+
+    policy: str
+    config_hash: str
+    secret_keys: tuple[SecretKey, ...]
+
+    @classmethod
+    def of(cls, policy: LoadedPolicy) -> SidecarSource:
+        keys = []
+        for provider in policy.spec.providers:
+            ref = provider.api_key.secret_key_ref if provider.api_key else None
+            if ref is not None:
+                keys.append(SecretKey(provider.name, ref.name, ref.key))
+        return cls(policy.name, policy.config_hash, tuple(keys))
+
+
+def last_good_source(name: str, status: Mapping[str, Any]) -> SidecarSource | None:
+    """The last config the operator wrote into the policy's ConfigMap, from `status.configHash` and
+    `status.secretKeyRefs` (written together, only after the ConfigMap); None when there never was one."""
+    config_hash = status.get("configHash")
+    refs = status.get("secretKeyRefs")
+    if not isinstance(config_hash, str) or not config_hash or not isinstance(refs, list):
+        return None
+    keys = []
+    for ref in refs:
+        if not isinstance(ref, Mapping) or not all(isinstance(ref.get(f), str) for f in ("provider", "name", "key")):
+            return None
+        keys.append(SecretKey(str(ref["provider"]), str(ref["name"]), str(ref["key"])))
+    return SidecarSource(name, config_hash, tuple(keys))
 
 
 def requested_policy(pod: Mapping[str, Any]) -> str | None:
@@ -107,28 +152,26 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 3) -> dict[s
     }
 
 
-def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
-    """The injected container (pure: the same policy and settings give the same container)."""
+def sidecar_container(source: SidecarSource, settings: Settings) -> dict[str, Any]:
+    """The injected container (pure: the same source and settings give the same container)."""
     env: list[dict[str, Any]] = [
         {"name": "LLMROUTE_LISTEN", "value": SIDECAR_LISTEN},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]
     if settings.status_relay:
         env.append({"name": "LLMROUTE_STATUS_RELAY", "value": settings.status_relay})
-    for provider in policy.spec.providers:
-        ref = provider.api_key.secret_key_ref if provider.api_key else None
-        if ref is not None:
-            env.append(
-                {
-                    "name": key_env_var(provider.name),
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}},
-                }
-            )
+    for secret in source.secret_keys:
+        env.append(
+            {
+                "name": key_env_var(secret.provider),
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": True}},
+            }
+        )
     mounts: list[dict[str, Any]] = [
         {"name": POLICY_VOLUME, "mountPath": POLICY_MOUNT_DIR, "readOnly": True},
         {"name": TMP_VOLUME, "mountPath": "/tmp"},
     ]
-    if _key_sources(policy):
+    if source.secret_keys:
         mounts.append({"name": KEYS_VOLUME, "mountPath": KEY_MOUNT_DIR, "readOnly": True})
     return {
         "name": SIDECAR_NAME,
@@ -154,39 +197,47 @@ def sidecar_container(policy: LoadedPolicy, settings: Settings) -> dict[str, Any
     }
 
 
-def _key_sources(policy: LoadedPolicy) -> list[dict[str, Any]]:
+def _key_sources(source: SidecarSource) -> list[dict[str, Any]]:
     """The projected volume's sources: each referenced Secret key as a file named after its provider
     (the path the rendered config names, `policy.key_file`)."""
-    sources = []
-    for provider in policy.spec.providers:
-        ref = provider.api_key.secret_key_ref if provider.api_key else None
-        if ref is not None:
-            item = {"key": ref.key, "path": provider.name}
-            sources.append({"secret": {"name": ref.name, "items": [item], "optional": True}})
-    return sources
+    return [
+        {"secret": {"name": s.name, "items": [{"key": s.key, "path": s.provider}], "optional": True}}
+        for s in source.secret_keys
+    ]
 
 
-def inject(pod: Mapping[str, Any], policy: LoadedPolicy, settings: Settings) -> dict[str, Any]:
+def inject(
+    pod: Mapping[str, Any],
+    policy: LoadedPolicy | SidecarSource,
+    settings: Settings,
+    *,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The pod with the sidecar of `policy` injected; an injected or opted-out pod comes back equal.
+    `annotations` are added to the pod's own (the webhook's notes, e.g. `LAST_GOOD_ANNOTATION`).
 
     Raises `InjectionConflict` when the pod uses one of the sidecar's names (`injection_conflicts`).
     """
+    source = policy if isinstance(policy, SidecarSource) else SidecarSource.of(policy)
     result = copy.deepcopy(dict(pod))
     if is_injected(pod) or requested_policy(pod) is None:
         return result
     if problems := injection_conflicts(pod):
         raise InjectionConflict("; ".join(problems))
     metadata = result.setdefault("metadata", {})
-    annotations = metadata.get("annotations") or {}
-    metadata["annotations"] = {**annotations, INJECTED_ANNOTATION: f"{policy.name}@{policy.config_hash}"}
+    metadata["annotations"] = {
+        **(metadata.get("annotations") or {}),
+        **(annotations or {}),
+        INJECTED_ANNOTATION: f"{source.policy}@{source.config_hash}",
+    }
     spec = result.setdefault("spec", {})
-    spec["initContainers"] = [sidecar_container(policy, settings), *(spec.get("initContainers") or [])]
+    spec["initContainers"] = [sidecar_container(source, settings), *(spec.get("initContainers") or [])]
     spec["volumes"] = [
         *(spec.get("volumes") or []),
-        {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(policy.name)}},
+        {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(source.policy)}},
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
-    key_sources = _key_sources(policy)
+    key_sources = _key_sources(source)
     if key_sources:
         spec["volumes"].append({"name": KEYS_VOLUME, "projected": {"sources": key_sources}})
     containers = []

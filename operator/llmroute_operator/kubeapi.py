@@ -170,6 +170,16 @@ class KubeApi:
         except kube.ApiException as exc:
             _raise_unless_missing(exc)
 
+    async def create_event(self, namespace: str, event: Mapping[str, Any]) -> None:
+        """Record a core/v1 Event (given as the plain manifest)."""
+        try:
+            body = kube.CoreV1Event.from_dict(dict(event))
+            assert body is not None
+            with _transport_errors():
+                await self._core.create_namespaced_event(namespace, body, **self._timeout)
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every LLMRoutePolicy the credentials may list, in all namespaces."""
         try:

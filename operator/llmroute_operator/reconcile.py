@@ -34,7 +34,9 @@ READY = "Ready"
 HOT_HOT_ROUTING = "HotHotRouting"
 BUDGET_OUT_OF_RANGE = "BudgetOutOfRange"
 MISSING_SECRET = "MissingSecret"
-CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET)
+SERVING_LAST_GOOD = "ServingLastGood"
+"""Abnormal-true: pods get the last good config (the ConfigMap), not the current spec."""
+CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET, SERVING_LAST_GOOD)
 
 
 def configmap_name(policy_name: str) -> str:
@@ -139,6 +141,16 @@ def configmap_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> 
     return patch or None
 
 
+def secret_key_refs(policy: LoadedPolicy) -> list[dict[str, str]]:
+    """`status.secretKeyRefs`: each provider's Secret key, recorded with the configHash it was rendered
+    with, so the webhook can inject this version while a later spec is invalid or not yet rendered."""
+    return [
+        {"provider": provider.name, "name": ref.name, "key": ref.key}
+        for provider in policy.spec.providers
+        if provider.api_key is not None and (ref := provider.api_key.secret_key_ref) is not None
+    ]
+
+
 def referenced_secrets(policy: LoadedPolicy) -> list[tuple[str, str]]:
     """`(secret name, key)` pairs the policy's providers read their API keys from, deduplicated."""
     seen: dict[tuple[str, str], None] = {}
@@ -224,9 +236,22 @@ def policy_conditions(
     ]
 
 
-def invalid_conditions(error: PolicyError) -> list[Condition]:
-    """An invalid policy: Ready is False with the field paths; the other conditions keep their state."""
-    return [Condition(READY, "False", "InvalidPolicy", "; ".join(error.problems))]
+def invalid_conditions(error: PolicyError, previous: Mapping[str, Any] | None = None) -> list[Condition]:
+    """An invalid policy: Ready is False with the field paths; the other conditions keep their state.
+
+    When an earlier version was rendered into the ConfigMap (`previous` status has its configHash),
+    ServingLastGood says that new pods still get that version: the webhook injects the last good config."""
+    conditions = [Condition(READY, "False", "InvalidPolicy", "; ".join(error.problems))]
+    last_hash = (previous or {}).get("configHash")
+    if last_hash:
+        conditions.append(
+            Condition(
+                SERVING_LAST_GOOD, "True", "InvalidPolicy",
+                f"pods are injected with the last good config (configHash {last_hash}, ConfigMap "
+                f"{(previous or {}).get('configMap')}) until the spec is fixed",
+            )
+        )  # fmt: skip
+    return conditions
 
 
 def timestamp(now: datetime.datetime) -> str:
@@ -286,12 +311,20 @@ def build_status(
     old_conditions = list((previous or {}).get("conditions") or [])
     status: dict[str, Any] = {}
     if isinstance(policy, PolicyError):
-        current = invalid_conditions(policy)
+        current = invalid_conditions(policy, previous)
     else:
         current = policy_conditions(policy, missing=missing, configmap=configmap, configmap_error=configmap_error)
         if configmap_error is None:
             status["configMap"] = configmap
             status["configHash"] = policy.config_hash
+            status["secretKeyRefs"] = secret_key_refs(policy)
+            current.append(
+                Condition(SERVING_LAST_GOOD, "False", "CurrentSpec", f"ConfigMap {configmap} holds the current spec")
+            )
+        else:
+            # Someone else's ConfigMap: nothing of ours to inject from (None: the merge patch removes them).
+            status["configHash"] = None
+            status["secretKeyRefs"] = None
         status["routes"] = [route.name for route in policy.spec.routes]
         status["warnings"] = list(policy.warnings)
     if generation is not None:

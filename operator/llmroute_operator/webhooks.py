@@ -9,9 +9,13 @@ reconciler, so pod creation never waits on a leader election. Two listeners in o
 - `LLMROUTE_RELAY_PORT` (8080, plain HTTP, cluster-internal): the sidecar's own status relay app
   (`GET /v1/statuspages`), fed by a `StatusBoard` configured with the providers of every policy.
 
-Decisions made once, here: a pod naming a missing, invalid or not yet Ready policy (its ConfigMap
-may not exist or may hold another version), or using one of the sidecar's volume names, is refused,
-or admitted without the sidecar, per `LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all
+Decisions made once, here: a pod naming a policy whose current spec is invalid or not yet rendered
+into its ConfigMap gets the last good config, the one the ConfigMap holds (`status.configHash` and
+`status.secretKeyRefs`), marked on the pod (`LAST_GOOD_ANNOTATION`) and reported as an Event on the
+policy: an edit the operator refuses, or any edit while the operator is down, never blocks scale-ups,
+evictions or drains. A pod naming a missing policy, one that never had a good config, or using one of
+the sidecar's volume names, is refused, or admitted without the sidecar, per
+`LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all
 (API down or slower than `API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the
 webhook's `failurePolicy` from the chart.
 
@@ -32,7 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 import kopf
@@ -41,7 +45,8 @@ from aiohttp import web
 from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
-from .injection import inject, injection_conflicts, json_patch, requested_policy
+from . import GROUP, KIND, LAST_GOOD_ANNOTATION, VERSION
+from .injection import SidecarSource, inject, injection_conflicts, json_patch, last_good_source, requested_policy
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import READY, load_cluster_policy
 from .settings import Settings, SettingsError
@@ -62,6 +67,8 @@ TLS_RELOAD_INTERVAL = 5.0
 """Seconds between checks of the TLS files for a rotated certificate."""
 RELAY_FIRST_RETRY = 1.0
 """Seconds before the relay retries a failed policy list; doubled per failure up to its interval."""
+LAG_EVENT_INTERVAL = 300.0
+"""Seconds between two Events about the same policy being injected with the same last good config."""
 
 
 class PolicySource(Protocol):
@@ -113,8 +120,80 @@ class PolicyCache:
         return found
 
 
+@runtime_checkable
+class EventSink(Protocol):
+    """Where the webhook records Events (the API in production)."""
+
+    async def create_event(self, namespace: str, event: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Lag:
+    """A pod was injected with the last good config of a policy whose current spec is not in its ConfigMap."""
+
+    namespace: str
+    policy: str
+    uid: str | None
+    config_hash: str
+    reason: str
+
+
+class LagReporter:
+    """Turns `Lag`s into Warning Events on the policy, at most one per policy, config and reason per
+    `interval`, written off the admission path (a failed write is logged, never retried)."""
+
+    def __init__(self, sink: EventSink | None, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._clock = clock
+        self._sent: dict[tuple[str, str, str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(self, lag: Lag) -> None:
+        key = (lag.namespace, lag.policy, lag.config_hash, lag.reason)
+        now = self._clock()
+        if self._sink is None or now - self._sent.get(key, -self._interval) < self._interval:
+            return
+        self._sent[key] = now
+        if len(self._sent) > 4096:
+            self._sent.pop(next(iter(self._sent)))
+        task = asyncio.create_task(self._write(self._sink, lag))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, sink: EventSink, lag: Lag) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{lag.policy}.", "namespace": lag.namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": lag.policy, "namespace": lag.namespace,
+                **({"uid": lag.uid} if lag.uid else {}),
+            },
+            "type": "Warning",
+            "reason": "InjectedLastGoodConfig",
+            "message": f"new pods get the last good config (configHash {lag.config_hash}): the policy {lag.reason}",
+            "source": {"component": "llmroute-webhook"},
+            "reportingComponent": "llmroute-webhook",
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }  # fmt: skip
+        try:
+            await sink.create_event(lag.namespace, event)
+        except Exception as exc:  # an Event is a courtesy: the pod is admitted either way
+            log.warning("cannot record the last-good-config Event on %s/%s: %s", lag.namespace, lag.policy, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+
+
 SETTINGS_KEY = web.AppKey("llmroute_settings", Settings)
 CACHE_KEY = web.AppKey("llmroute_policy_cache", PolicyCache)
+LAG_KEY = web.AppKey("llmroute_lag_reporter", LagReporter)
 
 
 @dataclass(frozen=True)
@@ -125,6 +204,8 @@ class Verdict:
     patch: list[dict[str, Any]] | None = None
     message: str | None = None
     warnings: tuple[str, ...] = ()
+    lag: Lag | None = None
+    """Set when the pod got the policy's last good config rather than its current spec."""
 
 
 def _bad_policy(settings: Settings, message: str) -> Verdict:
@@ -172,16 +253,29 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
     body = await policies.get(namespace, name)
     if body is None:
         return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{name}" not found in namespace "{namespace}"')
+    problem: str | None
     try:
         policy = load_cluster_policy(body)
     except PolicyError as exc:
-        return _bad_policy(
-            settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is invalid: {"; ".join(exc.problems)}'
-        )
-    if (reason := not_ready_reason(body, policy)) is not None:
-        return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is not Ready: {reason}')
-    patch = json_patch(pod, inject(pod, policy, settings))
-    return Verdict(True, patch=patch or None)
+        problem = f"is invalid: {'; '.join(exc.problems)}"
+    else:
+        reason = not_ready_reason(body, policy)
+        problem = None if reason is None else f"is not Ready: {reason}"
+    if problem is None:
+        patch = json_patch(pod, inject(pod, SidecarSource.of(policy), settings))
+        return Verdict(True, patch=patch or None)
+    last_good = last_good_source(name, body.get("status") or {})
+    if last_good is None:  # never rendered: there is no config to give the pod
+        return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" {problem}')
+    note = f"configHash {last_good.config_hash}, because the policy {problem}"
+    patch = json_patch(pod, inject(pod, last_good, settings, annotations={LAST_GOOD_ANNOTATION: note[:1024]}))
+    uid = (body.get("metadata") or {}).get("uid")
+    return Verdict(
+        True,
+        patch=patch or None,
+        warnings=(f'llmroute: LLMRoutePolicy "{namespace}/{name}": the sidecar gets the last good config, {note}',),
+        lag=Lag(namespace, name, str(uid) if uid else None, last_good.config_hash, problem),
+    )
 
 
 def admission_response(uid: str, verdict: Verdict) -> dict[str, Any]:
@@ -211,6 +305,8 @@ async def _mutate_pods(request: web.Request) -> web.Response:
         # The chart's failurePolicy decides (Ignore: admitted uninjected; Fail: refused).
         log.warning("cannot read the policy for pod admission %s: %s", admission["uid"], exc)
         return web.json_response({"error": str(exc)}, status=500)
+    if verdict.lag is not None:
+        request.app[LAG_KEY].report(verdict.lag)
     return web.json_response(admission_response(admission["uid"], verdict))
 
 
@@ -223,6 +319,12 @@ def build_webhook_app(settings: Settings, source: PolicySource) -> web.Applicati
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS_KEY] = settings
     app[CACHE_KEY] = PolicyCache(source, settings.policy_cache_ttl)
+    app[LAG_KEY] = lag = LagReporter(source if isinstance(source, EventSink) else None, LAG_EVENT_INTERVAL)
+
+    async def close_reporter(_: web.Application) -> None:
+        await lag.close()
+
+    app.on_cleanup.append(close_reporter)
     app.router.add_post(MUTATE_PATH, _mutate_pods)
     app.router.add_get("/healthz", _ok)
     app.router.add_get("/readyz", _ok)

@@ -409,7 +409,10 @@ def test_rbac_is_least_privilege() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     }
     assert all("resourceNames" not in rule for rule in roles["llmroute-operator"])
-    assert granted["llmroute-webhook"] == {("llmroute.dev", "llmroutepolicies"): {"get", "list"}}
+    assert granted["llmroute-webhook"] == {
+        ("llmroute.dev", "llmroutepolicies"): {"get", "list"},
+        ("", "events"): {"create"},  # InjectedLastGoodConfig
+    }
     bindings = {m["roleRef"]["name"]: m["subjects"] for m in manifests if m["kind"] == "ClusterRoleBinding"}
     accounts = {m["metadata"]["name"] for m in manifests if m["kind"] == "ServiceAccount"}
     for role, subjects in bindings.items():
@@ -425,7 +428,7 @@ KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolici
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
 }
 CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update"}
-CLIENT_RESOURCES = {"config_map": ("", "configmaps"), "secret": ("", "secrets")}
+CLIENT_RESOURCES = {"config_map": ("", "configmaps"), "secret": ("", "secrets"), "event": ("", "events")}
 
 
 def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:

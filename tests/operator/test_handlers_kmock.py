@@ -125,6 +125,7 @@ async def test_a_new_policy_gets_its_configmap_and_a_ready_status(kube: KubeEmul
         "HotHotRouting": "False",
         "BudgetOutOfRange": "False",
         "MissingSecret": "False",
+        "ServingLastGood": "False",
     }
     assert "kopf" not in status  # kopf's bookkeeping stays in annotations, out of the CRD's status
 

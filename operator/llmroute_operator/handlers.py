@@ -129,7 +129,7 @@ async def reconcile_policy(
     *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Policy -> ConfigMap + status."""
-    await _reconcile(body, patch, memo.api(), logger)
+    await _reconcile(body, patch, memo.api(), logger, check_secrets=memo.settings.check_secrets)
 
 
 @kopf.timer(
@@ -140,7 +140,7 @@ async def recheck_secrets(
     *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
 ) -> None:
     """A policy whose Secret is missing is reconciled again until the Secret shows up."""
-    await _reconcile(body, patch, memo.api(), logger)
+    await _reconcile(body, patch, memo.api(), logger, check_secrets=memo.settings.check_secrets)
 
 
 async def refresh_shedding(memo: OperatorMemo, relay: RelayClient, logger: logging.Logger) -> None:
@@ -186,7 +186,9 @@ def forget_policy(*, name: str, namespace: str | None, logger: kopf.Logger, **_:
     logger.info("policy %s/%s deleted; ConfigMap %s goes with it", namespace, name, configmap_name(name))
 
 
-async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: kopf.Logger) -> None:
+async def _reconcile(
+    body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: kopf.Logger, *, check_secrets: bool = True
+) -> None:
     metadata: Mapping[str, Any] = body.get("metadata") or {}
     namespace, name = str(metadata["namespace"]), str(metadata["name"])
     previous: Mapping[str, Any] = body.get("status") or {}
@@ -216,12 +218,12 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: 
         elif (changes := configmap_patch(existing, desired)) is not None:
             await kube.patch_configmap(namespace, target, changes)
             kopf.event(body, type="Normal", reason="ConfigMapUpdated", message=f"{target}: {policy.config_hash}")
-        references = referenced_secrets(policy)
+        references = referenced_secrets(policy) if check_secrets else []
         keys = {secret: await kube.read_secret_keys(namespace, secret) for secret, _ in references}
     except KubeApiError as exc:
         raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=API_RETRY_DELAY) from exc
 
-    missing = missing_secrets(references, keys)
+    missing = missing_secrets(references, keys) if check_secrets else None
     if missing and not condition_is_true(previous, MISSING_SECRET):
         kopf.warn(body, reason="MissingSecret", message="; ".join(missing))
     patch.status.update(

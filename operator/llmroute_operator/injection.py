@@ -101,10 +101,14 @@ def last_good_source(name: str, status: Mapping[str, Any]) -> SidecarSource | No
 
 
 def requested_policy(pod: Mapping[str, Any]) -> str | None:
-    """The policy a pod asks for, or None: no annotation, opted out, or injected already."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    """The policy a pod asks for, or None: no annotation, opted out (label or annotation
+    `llmroute.dev/inject: "false"`), or injected already."""
+    metadata = pod.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    labels = metadata.get("labels") or {}
     name = annotations.get(POLICY_ANNOTATION)
-    if not name or str(annotations.get(INJECT_ANNOTATION, "")).strip().lower() == "false":
+    opted_out = any(str(m.get(INJECT_ANNOTATION, "")).strip().lower() == "false" for m in (annotations, labels))
+    if not name or opted_out:
         return None
     if is_injected(pod):
         return None

@@ -196,9 +196,9 @@ def _warning_lines(policy: LoadedPolicy, field: str) -> list[str]:
 
 
 def policy_conditions(
-    policy: LoadedPolicy, *, missing: Sequence[str], configmap: str, configmap_error: str | None = None
+    policy: LoadedPolicy, *, missing: Sequence[str] | None, configmap: str, configmap_error: str | None = None
 ) -> list[Condition]:
-    """The conditions of a valid policy."""
+    """The conditions of a valid policy (`missing` None: Secrets are not checked, MissingSecret is Unknown)."""
     routes = policy.spec.routes
     hot_hot = [route.name for route in routes if route.strategy == "hotHot"]
     odd_budgets = [route.name for route in routes if not SANE_BUDGET[0] <= route.budget <= SANE_BUDGET[1]]
@@ -227,7 +227,9 @@ def policy_conditions(
             "BudgetOutOfRange" if odd_budgets else "BudgetsInRange",
             "; ".join(_warning_lines(policy, "budget")) if odd_budgets else "every route's budget is within 4s..12s",
         ),
-        Condition(
+        Condition(MISSING_SECRET, "Unknown", "NotChecked", "the operator does not read Secrets (checkSecrets: false)")
+        if missing is None
+        else Condition(
             MISSING_SECRET,
             "True" if missing else "False",
             "SecretNotFound" if missing else "SecretsFound",
@@ -300,7 +302,7 @@ def build_status(
     generation: int | None,
     now: datetime.datetime,
     configmap: str,
-    missing: Sequence[str] = (),
+    missing: Sequence[str] | None = (),
     configmap_error: str | None = None,
 ) -> dict[str, Any]:
     """The status to merge into the policy.

@@ -50,6 +50,10 @@ class Settings:
     """`LLMROUTE_SECRET_RECHECK_INTERVAL` (seconds): how often a policy whose Secrets are missing is
     checked again, so the MissingSecret condition clears soon after the Secret appears."""
 
+    check_secrets: bool = True
+    """`LLMROUTE_CHECK_SECRETS` (`true`/`false`): read the Secrets a policy names (get, key names only) to
+    report MissingSecret; false when the operator is given no access to Secrets."""
+
     shedding_refresh_interval: float = 30.0
     """`LLMROUTE_SHEDDING_REFRESH_INTERVAL` (seconds): how often each policy's `status.sheddingProviders`
     is refreshed from the status relay (`LLMROUTE_STATUS_RELAY`)."""
@@ -141,6 +145,11 @@ class Settings:
         ):
             if (raw := get(name)) is not None:
                 values[key] = raw
+        check = get("LLMROUTE_CHECK_SECRETS")
+        if check is not None:
+            if check.lower() not in ("true", "false"):
+                raise SettingsError(f"LLMROUTE_CHECK_SECRETS: expected true or false, got {check!r}")
+            values["check_secrets"] = check.lower() == "true"
         unknown = get("LLMROUTE_UNKNOWN_POLICY")
         if unknown is not None:
             if unknown not in ("refuse", "allow"):

@@ -168,6 +168,15 @@ def test_opting_out_leaves_the_pod_alone() -> None:
     assert patched(copy.deepcopy(pod)) == pod
 
 
+def test_the_opt_out_label_leaves_the_pod_alone() -> None:
+    """In a namespace labelled for injection, a pod opts out with the label the webhook selector reads."""
+    pod = a_pod()
+    pod["metadata"]["labels"]["llmroute.dev/inject"] = "false"
+
+    assert requested_policy(pod) is None
+    assert inject(pod, policy(), SETTINGS) == pod
+
+
 def test_a_pod_without_annotations_asks_for_nothing() -> None:
     assert requested_policy({"metadata": {}, "spec": {"containers": []}}) is None
 

@@ -186,6 +186,16 @@ RULES: dict[str, list[Schema]] = {
             "fieldPath": ".initial",
         }
     ],
+    "Provider": [
+        {
+            "rule": (
+                "!has(self.baseURL) || self.baseURL.startsWith('https://') || "
+                "(self.baseURL.startsWith('http://') && has(self.allowPlainHTTP) && self.allowPlainHTTP)"
+            ),
+            "message": "baseURL must be https:// (plain http:// only with allowPlainHTTP: true)",
+            "fieldPath": ".baseURL",
+        }
+    ],
     "ApiKey": [
         {
             "rule": "(has(self.env) || has(self.file)) != has(self.secretKeyRef)",
@@ -466,9 +476,9 @@ def status_schema() -> Schema:
                     "type": "object",
                     "required": ["provider", "name", "key"],
                     "properties": {
-                        "provider": {"type": "string", "maxLength": 63},
-                        "name": {"type": "string", "maxLength": 253},
-                        "key": {"type": "string", "maxLength": 253},
+                        "provider": {"type": "string", "maxLength": 63, "description": "The provider's name."},
+                        "name": {"type": "string", "maxLength": 253, "description": "The Secret's name."},
+                        "key": {"type": "string", "maxLength": 253, "description": "The key in that Secret."},
                     },
                 },
             },

@@ -129,7 +129,7 @@ async def reconcile_policy(
     *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Policy -> ConfigMap + status."""
-    await _reconcile(body, patch, memo.api(), logger, check_secrets=memo.settings.check_secrets)
+    await _reconcile(body, patch, memo.api(), logger, memo.settings)
 
 
 @kopf.timer(
@@ -140,7 +140,7 @@ async def recheck_secrets(
     *, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, logger: kopf.Logger, **_: Any
 ) -> None:
     """A policy whose Secret is missing is reconciled again until the Secret shows up."""
-    await _reconcile(body, patch, memo.api(), logger, check_secrets=memo.settings.check_secrets)
+    await _reconcile(body, patch, memo.api(), logger, memo.settings)
 
 
 async def refresh_shedding(memo: OperatorMemo, relay: RelayClient, logger: logging.Logger) -> None:
@@ -171,7 +171,7 @@ async def _refresh_policy_shedding(memo: OperatorMemo, body: Mapping[str, Any], 
     if memo.settings.namespaces and namespace not in memo.settings.namespaces:
         return
     try:
-        policy = load_cluster_policy(body)
+        policy = load_cluster_policy(body, memo.settings.provider_hosts)
     except PolicyError:
         return  # invalid: its status says so already
     shedding = shedding_providers(policy, pages)
@@ -187,7 +187,7 @@ def forget_policy(*, name: str, namespace: str | None, logger: kopf.Logger, **_:
 
 
 async def _reconcile(
-    body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: kopf.Logger, *, check_secrets: bool = True
+    body: kopf.Body, patch: kopf.Patch, kube: KubeApi, logger: kopf.Logger, settings: Settings
 ) -> None:
     metadata: Mapping[str, Any] = body.get("metadata") or {}
     namespace, name = str(metadata["namespace"]), str(metadata["name"])
@@ -197,8 +197,8 @@ async def _reconcile(
     now = datetime.datetime.now(datetime.UTC)
     document = {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
     try:
-        policy = load_cluster_policy(document)
-        desired = build_configmap(document)
+        policy = load_cluster_policy(document, settings.provider_hosts)
+        desired = build_configmap(document, settings.provider_hosts)
     except PolicyError as exc:
         patch.status.update(build_status(previous, policy=exc, generation=generation, now=now, configmap=target))
         logger.info("policy %s/%s is invalid: %s", namespace, name, exc)
@@ -218,12 +218,12 @@ async def _reconcile(
         elif (changes := configmap_patch(existing, desired)) is not None:
             await kube.patch_configmap(namespace, target, changes)
             kopf.event(body, type="Normal", reason="ConfigMapUpdated", message=f"{target}: {policy.config_hash}")
-        references = referenced_secrets(policy) if check_secrets else []
+        references = referenced_secrets(policy) if settings.check_secrets else []
         keys = {secret: await kube.read_secret_keys(namespace, secret) for secret, _ in references}
     except KubeApiError as exc:
         raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=API_RETRY_DELAY) from exc
 
-    missing = missing_secrets(references, keys) if check_secrets else None
+    missing = missing_secrets(references, keys) if settings.check_secrets else None
     if missing and not condition_is_true(previous, MISSING_SECRET):
         kopf.warn(body, reason="MissingSecret", message="; ".join(missing))
     patch.status.update(

@@ -17,12 +17,20 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from llmroute_sidecar.policy import SANE_BUDGET, LoadedPolicy, PolicyError, load_policy, render_sidecar_config
+from llmroute_sidecar.policy import (
+    SANE_BUDGET,
+    LoadedPolicy,
+    PolicyError,
+    load_policy,
+    render_sidecar_config,
+)
 from llmroute_sidecar.statuspages import page_key
 from llmroute_sidecar.statuspolling import RelayEntry
 
 from . import CONFIG_HASH_ANNOTATION, POLICY_ANNOTATION
+from .settings import DEFAULT_PROVIDER_HOSTS
 
 CONFIG_KEY = "policy.json"
 MANAGED_BY_LABELS = {
@@ -49,10 +57,27 @@ def render_config(policy: LoadedPolicy) -> str:
     return json.dumps(render_sidecar_config(policy), indent=2, sort_keys=True) + "\n"
 
 
-def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
-    """`load_policy`, plus what only a cluster forbids: keys from anywhere but a Secret. `apiKey.env` and
-    `apiKey.file` are for standalone sidecars; in a pod they would let whoever edits a policy send the
-    sidecar's environment or any file it can read (its service-account token) to a `baseURL` of theirs."""
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """`host` is one of `allowed`, or a subdomain of an `*.example.com` entry (not the bare domain)."""
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1):
+            return True
+    return False
+
+
+def load_cluster_policy(
+    policy_body: Mapping[str, Any], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> LoadedPolicy:
+    """`load_policy`, plus what only a cluster forbids, because whoever may edit a policy could otherwise
+    send the live key (sidecars hot-reload the policy) somewhere of theirs:
+
+    - keys from anywhere but a Secret: `apiKey.env`/`apiKey.file` would hand the sidecar's environment or
+      any file it can read (its service-account token) to a `baseURL`;
+    - a `baseURL` host not on the operator's allowlist (`provider_hosts`);
+    - a plain-http `baseURL` without `allowPlainHTTP`, loopback included (another container of the pod
+      could listen there)."""
     policy = load_policy(policy_body)
     problems = [
         f"spec.providers[{index}].apiKey: in a cluster keys come from secretKeyRef (env and file are for "
@@ -60,6 +85,19 @@ def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
         for index, provider in enumerate(policy.spec.providers)
         if provider.api_key is not None and provider.api_key.secret_key_ref is None
     ]
+    for index, provider in enumerate(policy.spec.providers):
+        url = urlsplit(provider.effective_base_url)
+        host = url.hostname or ""
+        if not host_allowed(host, provider_hosts):
+            problems.append(
+                f'spec.providers[{index}].baseURL: host "{host}" is not on the operator\'s allowlist of provider '
+                f"hosts ({', '.join(provider_hosts)}); a cluster admin can add it (chart value operator.providerHosts)"
+            )
+        elif url.scheme == "http" and not provider.allow_plain_http:
+            problems.append(
+                f"spec.providers[{index}].baseURL: plain http needs allowPlainHTTP: true in a cluster (the key "
+                "would travel unencrypted)"
+            )
     if problems:
         raise PolicyError(problems)
     return policy
@@ -78,12 +116,14 @@ def shedding_providers(policy: LoadedPolicy, pages: Mapping[str, RelayEntry]) ->
     return shedding
 
 
-def build_configmap(policy_body: Mapping[str, Any]) -> dict[str, Any]:
+def build_configmap(
+    policy_body: Mapping[str, Any], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> dict[str, Any]:
     """The ConfigMap for a policy manifest; raises `PolicyError` when the policy is invalid.
 
     The owner reference is left to the caller (`kopf.adopt`), which also copies the namespace.
     """
-    policy = load_cluster_policy(policy_body)
+    policy = load_cluster_policy(policy_body, provider_hosts)
     metadata = policy_body.get("metadata") or {}
     name = str(metadata.get("name") or policy.name)
     configmap_metadata: dict[str, Any] = {

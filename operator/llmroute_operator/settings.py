@@ -12,14 +12,22 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from llmroute_sidecar import __version__
+from llmroute_sidecar.policy import DEFAULT_BASE_URLS
 
 SIDECAR_PORT = 8787
 """The sidecar listens on loopback only: it holds the provider keys, so no other pod may reach it."""
 SIDECAR_LISTEN = f"127.0.0.1:{SIDECAR_PORT}"
 POLICY_MOUNT_DIR = "/etc/llmroute"
 POLICY_FILE = f"{POLICY_MOUNT_DIR}/policy.json"
+
+DEFAULT_PROVIDER_HOSTS: tuple[str, ...] = tuple(
+    dict.fromkeys(urlsplit(url).hostname or "" for url in DEFAULT_BASE_URLS.values())
+)
+"""The vendors' API hosts: the only hosts a cluster policy may send keys to unless the operator's
+allowlist (`LLMROUTE_PROVIDER_HOSTS`, the chart's `operator.providerHosts`) adds more."""
 
 DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
     "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -96,6 +104,11 @@ class Settings:
     sidecar_user: int = 65532
     """`LLMROUTE_SIDECAR_USER`: the numeric uid and gid the sidecar runs as (non-root)."""
 
+    provider_hosts: tuple[str, ...] = DEFAULT_PROVIDER_HOSTS
+    """The hosts a policy's `baseURL` may name (`*.example.com` matches its subdomains); any other is
+    refused, so editing a policy cannot send a key elsewhere. The vendors' API hosts, plus
+    `LLMROUTE_PROVIDER_HOSTS` (comma-separated: the chart's `operator.providerHosts`)."""
+
     skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
     """`LLMROUTE_SKIP_NAMESPACES`, comma-separated: never injected, whatever the chart's selector."""
 
@@ -128,6 +141,8 @@ class Settings:
 
         names("LLMROUTE_NAMESPACES", "namespaces")
         names("LLMROUTE_SKIP_NAMESPACES", "skip_namespaces")
+        names("LLMROUTE_PROVIDER_HOSTS", "provider_hosts")
+        values["provider_hosts"] = tuple(dict.fromkeys((*DEFAULT_PROVIDER_HOSTS, *values.get("provider_hosts", ()))))
         values["peering"] = get("LLMROUTE_PEERING")
         number("LLMROUTE_HEALTH_PORT", "health_port", int)
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)

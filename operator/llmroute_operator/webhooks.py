@@ -49,7 +49,7 @@ from . import GROUP, KIND, LAST_GOOD_ANNOTATION, VERSION
 from .injection import SidecarSource, inject, injection_conflicts, json_patch, last_good_source, requested_policy
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import READY, load_cluster_policy
-from .settings import Settings, SettingsError
+from .settings import DEFAULT_PROVIDER_HOSTS, Settings, SettingsError
 
 if TYPE_CHECKING:
     from llmroute_sidecar.statusboard import StatusBoard
@@ -255,7 +255,7 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
         return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{name}" not found in namespace "{namespace}"')
     problem: str | None
     try:
-        policy = load_cluster_policy(body)
+        policy = load_cluster_policy(body, settings.provider_hosts)
     except PolicyError as exc:
         problem = f"is invalid: {'; '.join(exc.problems)}"
     else:
@@ -331,25 +331,34 @@ def build_webhook_app(settings: Settings, source: PolicySource) -> web.Applicati
     return app
 
 
-def policy_providers(bodies: Sequence[Mapping[str, Any]]) -> list[Provider]:
+def policy_providers(
+    bodies: Sequence[Mapping[str, Any]], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> list[Provider]:
     """The providers of every valid policy (invalid ones are skipped: their sidecars keep the last good)."""
     providers: list[Provider] = []
     for body in bodies:
         try:
-            providers.extend(load_cluster_policy(body).spec.providers)
+            providers.extend(load_cluster_policy(body, provider_hosts).spec.providers)
         except PolicyError:
             continue
     return providers
 
 
-async def refresh_board(board: StatusBoard, source: PolicySource) -> int:
+async def refresh_board(
+    board: StatusBoard, source: PolicySource, provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> int:
     """Point the board at the status pages of all policies; returns how many pages it polls."""
-    board.configure(policy_providers(await source.list_policies()))
+    board.configure(policy_providers(await source.list_policies(), provider_hosts))
     return len(board.pollers)
 
 
 async def keep_board_fresh(
-    board: StatusBoard, source: PolicySource, interval: float, *, first_retry: float = RELAY_FIRST_RETRY
+    board: StatusBoard,
+    source: PolicySource,
+    interval: float,
+    *,
+    first_retry: float = RELAY_FIRST_RETRY,
+    provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS,
 ) -> None:
     """Refresh the board now and every `interval` seconds, for as long as the relay runs.
 
@@ -361,7 +370,7 @@ async def keep_board_fresh(
     delay = first_retry
     while True:
         try:
-            await refresh_board(board, source)
+            await refresh_board(board, source, provider_hosts)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
             if problem != last_problem:
@@ -400,7 +409,9 @@ async def relay_board(settings: Settings, source: PolicySource) -> AsyncIterator
 
     async with aiohttp.ClientSession() as session:
         board = StatusBoard(session)
-        refresher = asyncio.create_task(keep_board_fresh(board, source, settings.relay_refresh_interval))
+        refresher = asyncio.create_task(
+            keep_board_fresh(board, source, settings.relay_refresh_interval, provider_hosts=settings.provider_hosts)
+        )
         try:
             yield board
         finally:

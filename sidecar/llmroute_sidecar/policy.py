@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
@@ -132,8 +133,12 @@ class Provider(Model):
 
     name: Name
     type: ProviderType
-    base_url: str | None = Field(default=None, alias="baseURL")
-    """As the provider's official SDK takes it; default per type."""
+    base_url: str | None = Field(default=None, alias="baseURL", max_length=2048)
+    """As the provider's official SDK takes it; default per type. `https://` (the key travels in it), or
+    `http://` with `allowPlainHTTP`; standalone, a loopback host (a local fake or proxy) needs no opt-in."""
+    allow_plain_http: bool = Field(default=False, alias="allowPlainHTTP")
+    """Allow an `http://` baseURL: the API key is then sent unencrypted. In a cluster the host must also
+    be on the operator's allowlist of provider hosts."""
     api_key: ApiKey | None = None
     status_page: StatusPage | None = None
 
@@ -358,6 +363,37 @@ def config_hash(spec: PolicySpec) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable only from inside this host (or pod)."""
+    return host.lower() in LOOPBACK_HOSTS or re.fullmatch(r"127(\.\d{1,3}){3}", host) is not None
+
+
+def base_url_problems(provider: Provider, path: str) -> list[str]:
+    """Why `provider.baseURL` may not carry an API key: a scheme other than https (plain http needs
+    `allowPlainHTTP`, except to a loopback host), no host, or credentials in the URL."""
+    if provider.base_url is None:
+        return []
+    try:
+        parts = urlsplit(provider.base_url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        return [f"{path}.baseURL: not a valid URL: {exc}"]
+    if parts.scheme not in ("https", "http") or not host:
+        return [f"{path}.baseURL: expected https://<host>[/path], got {provider.base_url!r}"]
+    if parts.username is not None or parts.password is not None:
+        return [f"{path}.baseURL: must not carry credentials (the key comes from apiKey)"]
+    if parts.scheme == "http" and not provider.allow_plain_http and not is_loopback(host):
+        return [
+            f"{path}.baseURL: plain http would send the API key unencrypted to {host}; use https, or set "
+            "allowPlainHTTP: true on the provider"
+        ]
+    return []
+
+
 def _format_loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     path = prefix
     for part in loc:
@@ -386,6 +422,7 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
     unique([p.name for p in spec.providers], "spec.providers", "provider")
     unique([r.name for r in spec.routes], "spec.routes", "route")
     for p_index, provider in enumerate(spec.providers):
+        errors.extend(base_url_problems(provider, f"spec.providers[{p_index}]"))
         key = provider.api_key
         if key is not None and (key.env is None and key.file is None) == (key.secret_key_ref is None):
             errors.append(f"spec.providers[{p_index}].apiKey: set secretKeyRef, or env and/or file")

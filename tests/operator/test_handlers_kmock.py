@@ -13,6 +13,7 @@ import copy
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -296,3 +297,39 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
             await eventually(lambda: shedding() is None, what="the column cleared")
     finally:
         await server.close()
+
+
+async def test_pointing_a_live_policy_at_another_host_never_reaches_the_configmap(
+    kube: KubeEmulator, operator: None
+) -> None:
+    """Whoever may patch a policy cannot send the live key elsewhere: sidecars hot-reload the ConfigMap,
+    and the operator never writes a baseURL whose host is off its allowlist into it."""
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    good = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    good_config = good["data"]["policy.json"]
+    providers = copy.deepcopy(policy_body()["spec"]["providers"])
+    providers[0]["baseURL"] = "https://collector.attacker.example/v1"
+
+    await merge_patch(kube, f"{POLICY_URL}/support-bot", {"spec": {"providers": providers}})
+
+    ready = await eventually(
+        lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "False" and c, what="Ready=False"
+    )
+    assert 'host "collector.attacker.example" is not on the operator\'s allowlist' in ready["message"]
+    serving = condition(kube, "support-bot", "ServingLastGood")
+    assert serving is not None and serving["status"] == "True"
+    configmap = stored(kube, CONFIGMAPS, "support-bot-llmroute")
+    assert configmap is not None and configmap["data"]["policy.json"] == good_config
+    assert "attacker" not in configmap["data"]["policy.json"]
+
+
+async def test_an_allowlisted_host_is_rendered(kube: KubeEmulator) -> None:
+    settings = replace(Settings(), provider_hosts=(*Settings().provider_hosts, "*.openai.azure.com"))
+    spec = copy.deepcopy(policy_body()["spec"])
+    spec["providers"][1]["baseURL"] = "https://corp.openai.azure.com/openai/v1"
+    async with running_operator(kube, settings):
+        await apply(kube, SECRET_URL, secret_body())
+        await apply(kube, POLICY_URL, policy_body(spec=spec))
+        configmap = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    assert "https://corp.openai.azure.com/openai/v1" in configmap["data"]["policy.json"]

@@ -124,4 +124,6 @@ seccompProfile:
   value: {{ printf "http://%s.%s.svc:8080" (include "llmroute.relayService" .) .Release.Namespace | quote }}
 - name: LLMROUTE_UNKNOWN_POLICY
   value: {{ .Values.webhook.unknownPolicy | quote }}
+- name: LLMROUTE_PROVIDER_HOSTS
+  value: {{ join "," .Values.operator.providerHosts | quote }}
 {{- end }}

@@ -10,7 +10,9 @@ Field names are the contract's camelCase; Python attributes are snake_case (pyda
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +31,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from . import __version__
 from .durations import DURATION_PATTERN, format_duration, parse_duration
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "llmroute.dev/v1alpha1"
 KIND = "LLMRoutePolicy"
@@ -338,14 +343,26 @@ def key_file(provider_name: str) -> str:
     return f"{KEY_MOUNT_DIR}/{provider_name}"
 
 
+RENDERED_ANNOTATION = "llmroute.dev/rendered-by"
+"""On a config the operator wrote: machine-written, possibly by a newer operator than the sidecar reading
+it, so fields the sidecar does not know are ignored with a warning instead of refused (version skew)."""
+
+
 def render_sidecar_config(policy: LoadedPolicy) -> dict[str, Any]:
     """The config file the operator writes for sidecars: Secret references become a file and an env var.
 
     The webhook gives the sidecar container the key both ways from the Secret: as a file of a projected
     volume (which the kubelet updates when the Secret rotates) and as a `secretKeyRef` variable (fixed at
     start). The rendered config holds no secret material and no Secret names.
+
+    Only fields whose value differs from the default are written (the API server fills the CRD's defaults
+    in, so "what the user set" is not known here): a field a newer operator adds with a default never
+    reaches the file, and the previous release's sidecars, which refuse fields they do not know, keep
+    loading it. Each sidecar applies its own defaults; the configHash is of the effective spec.
     """
     document = policy.to_document()
+    document["spec"] = policy.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+    document["metadata"]["annotations"] = {RENDERED_ANNOTATION: f"llmroute-operator {__version__}"}
     for provider in document["spec"]["providers"]:
         key = provider.get("apiKey")
         if key and "secretKeyRef" in key:
@@ -474,8 +491,24 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
-def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
-    """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError."""
+def _without(data: Any, locations: list[tuple[int | str, ...]]) -> Any:
+    """A copy of `data` without the fields at `locations` (pydantic error locations)."""
+    data = copy.deepcopy(data)
+    for location in locations:
+        parent = data
+        for part in location[:-1]:
+            parent = parent[part]
+        if isinstance(parent, dict):
+            parent.pop(location[-1], None)
+    return data
+
+
+def load_policy(document: Mapping[str, Any], *, tolerate_unknown: bool | None = None) -> LoadedPolicy:
+    """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError.
+
+    Unknown fields are errors (a typo must not silently do nothing), except in a config the operator
+    rendered (`RENDERED_ANNOTATION`; or `tolerate_unknown=True`): those are ignored, each with a warning,
+    so a sidecar keeps running what a newer operator wrote."""
     if not isinstance(document, Mapping):
         raise PolicyError(["policy: expected a mapping (an LLMRoutePolicy manifest)"])
     if "spec" in document:
@@ -493,13 +526,26 @@ def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
         prefix, raw_spec, metadata = "spec", document, {}
     if not isinstance(metadata, Mapping):
         raise PolicyError(["metadata: expected a mapping"])
+    if tolerate_unknown is None:
+        tolerate_unknown = RENDERED_ANNOTATION in (metadata.get("annotations") or {})
+    ignored: list[str] = []
     try:
         spec = PolicySpec.model_validate(raw_spec)
     except ValidationError as exc:
-        raise PolicyError(
-            [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
-        ) from None
+        unknown = [tuple(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not (tolerate_unknown and unknown):
+            raise PolicyError([f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+        ignored = [f"{_format_loc(prefix, loc)}: unknown field ignored (a newer operator's?)" for loc in unknown]
+        for line in ignored:
+            log.warning("%s", line)
+        try:
+            spec = PolicySpec.model_validate(_without(raw_spec, unknown))
+        except ValidationError as again:
+            raise PolicyError(
+                [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in again.errors()]
+            ) from None
     errors, warnings = _semantic_problems(spec)
+    warnings = ignored + warnings
     if errors:
         raise PolicyError(errors)
     generation = metadata.get("generation")

@@ -19,20 +19,32 @@ nothing here talks to the network, so every rule is tested on plain dicts:
   is not injected at all (`injection_conflicts`): replacing its volume would hand the API keys to
   whichever app container mounts that name.
 
-The sidecar listens on loopback only (it spends the keys; no other pod may reach it), so its probes
-are exec probes making the HTTP GET from inside the pod: a kubelet `httpGet` goes to the pod IP.
+The sidecar listens on loopback only (it spends the keys; no other pod may reach it). The kubelet's
+`httpGet` probes go to the pod IP, so the sidecar also serves `/healthz` and `/readyz`, and nothing
+else, on `settings.sidecar_health_port` of the pod IP (`LLMROUTE_HEALTH_LISTEN`): no interpreter is
+started per probe. A host-network pod (injected only when it asks, `HOST_NETWORK_ANNOTATION`) would
+open that port on the node, so it keeps exec probes. Resources come from the settings, overridden per
+pod by `RESOURCE_ANNOTATIONS`; the security context names no uid (the image's, or the platform's).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from llmroute_sidecar.policy import KEY_MOUNT_DIR, LoadedPolicy, key_env_var
 
-from . import INJECT_ANNOTATION, INJECTED_ANNOTATION, POLICY_ANNOTATION
+from . import (
+    HOST_NETWORK_ANNOTATION,
+    INJECT_ANNOTATION,
+    INJECTED_ANNOTATION,
+    POLICY_ANNOTATION,
+    RESOURCE_ANNOTATIONS,
+)
 from .reconcile import configmap_name
 from .settings import POLICY_FILE, POLICY_MOUNT_DIR, SIDECAR_LISTEN, SIDECAR_PORT, Settings
 
@@ -125,8 +137,8 @@ class InjectionConflict(ValueError):
     """The pod already uses a name the sidecar needs; the message lists which."""
 
 
-def injection_conflicts(pod: Mapping[str, Any]) -> list[str]:
-    """Why the sidecar cannot be added to this (not yet injected) pod: names it already uses.
+def injection_conflicts(pod: Mapping[str, Any], ports: tuple[int, ...] = (SIDECAR_PORT,)) -> list[str]:
+    """Why the sidecar cannot be added to this (not yet injected) pod: names or `ports` it already uses.
 
     A container mount of a reserved volume name counts even when the pod declares no such volume:
     the API server validates after mutation, so our volume would satisfy that mount.
@@ -144,24 +156,101 @@ def injection_conflicts(pod: Mapping[str, Any]) -> list[str]:
             for mount in (container.get("volumeMounts") or []) + (container.get("volumeDevices") or []):
                 if mount.get("name") in RESERVED_VOLUMES:
                     problems.append(f'container "{container.get("name")}" mounts a volume named "{mount.get("name")}"')
+            for port in container.get("ports") or []:
+                if port.get("containerPort") in ports:
+                    problems.append(f'container "{container.get("name")}" declares port {port.get("containerPort")}')
     return list(dict.fromkeys(problems))
 
 
-def _probe(path: str, *, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
+def host_network_skip(pod: Mapping[str, Any]) -> str | None:
+    """Why a host-network pod is not injected (None: it is not one, or it asked for the sidecar)."""
+    if not (pod.get("spec") or {}).get("hostNetwork"):
+        return None
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if str(annotations.get(HOST_NETWORK_ANNOTATION, "")).strip().lower() == "true":
+        return None
+    return (
+        "the pod uses the host network, where the sidecar would share the node's loopback with every "
+        f'host-network pod; annotate it {HOST_NETWORK_ANNOTATION}: "true" to inject it anyway'
+    )
+
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_SUFFIX = {
+    None: Decimal(1), "m": Decimal("0.001"), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
+    "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}  # fmt: skip
+
+
+def parse_quantity(text: str) -> Decimal | None:
+    """A Kubernetes quantity (`100m`, `128Mi`, `1.5`) as a number, or None when it is not one we accept."""
+    match = _QUANTITY.match(text.strip())
+    if match is None:
+        return None
+    try:
+        return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
+    except InvalidOperation:
+        return None
+
+
+def sidecar_resources(pod: Mapping[str, Any], settings: Settings) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The sidecar's resources: the settings' with the pod's `RESOURCE_ANNOTATIONS` applied, and what
+    was not applied, and why. A limit below its request would make the API server refuse the pod: the
+    limit is raised to the request then."""
+    resources = copy.deepcopy(settings.sidecar_resources)
+    notes: list[str] = []
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    for annotation, (section, resource) in RESOURCE_ANNOTATIONS.items():
+        if annotation not in annotations:
+            continue
+        value = str(annotations[annotation]).strip()
+        if parse_quantity(value) is None:
+            notes.append(f"{annotation}: {value!r} is not a Kubernetes quantity; the default is kept")
+            continue
+        resources.setdefault(section, {})[resource] = value
+    for resource, request in (resources.get("requests") or {}).items():
+        limit = (resources.get("limits") or {}).get(resource)
+        wanted, ceiling = parse_quantity(request), parse_quantity(limit) if limit else None
+        if wanted is not None and ceiling is not None and ceiling < wanted:
+            resources["limits"][resource] = request
+            notes.append(f"the sidecar's {resource} limit {limit} is below its request {request}; raised to it")
+    return resources, notes
+
+
+def sidecar_ports(settings: Settings) -> tuple[int, ...]:
+    """The pod ports the sidecar listens on: its loopback API and its health port."""
+    return (SIDECAR_PORT, settings.sidecar_health_port)
+
+
+def _probe(path: str, *, period: int, failures: int, timeout: int = 3, port: int | None = None) -> dict[str, Any]:
+    """An httpGet probe on the sidecar's health port, or (port None) an exec probe over loopback."""
+    action: dict[str, Any] = (
+        {"httpGet": {"path": path, "port": port}}
+        if port is not None
+        else {"exec": {"command": ["python", "-c", _PROBE_SCRIPT, path]}}
+    )
     return {
-        "exec": {"command": ["python", "-c", _PROBE_SCRIPT, path]},
+        **action,
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": timeout,
     }
 
 
-def sidecar_container(source: SidecarSource, settings: Settings) -> dict[str, Any]:
-    """The injected container (pure: the same source and settings give the same container)."""
+def sidecar_container(
+    source: SidecarSource, settings: Settings, pod: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The injected container for `pod` (pure: the same source, settings and pod give the same container)."""
+    pod = pod or {}
+    host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
+    health_port = None if host_network else settings.sidecar_health_port
     env: list[dict[str, Any]] = [
         {"name": "LLMROUTE_LISTEN", "value": SIDECAR_LISTEN},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]
+    if health_port is not None:
+        env.append({"name": "LLMROUTE_HEALTH_LISTEN", "value": f"0.0.0.0:{health_port}"})
     if settings.status_relay:
         env.append({"name": "LLMROUTE_STATUS_RELAY", "value": settings.status_relay})
     for secret in source.secret_keys:
@@ -185,20 +274,23 @@ def sidecar_container(source: SidecarSource, settings: Settings) -> dict[str, An
         "args": ["sidecar", "--policy", POLICY_FILE],
         "env": env,
         "volumeMounts": mounts,
-        "startupProbe": _probe("/healthz", period=1, failures=60),
-        "readinessProbe": _probe("/readyz", period=5, failures=2),
-        "livenessProbe": _probe("/healthz", period=10, failures=3, timeout=5),
-        "resources": copy.deepcopy(settings.sidecar_resources),
+        "startupProbe": _probe("/healthz", period=1, failures=60, port=health_port),
+        "readinessProbe": _probe("/readyz", period=5, failures=2, port=health_port),
+        "livenessProbe": _probe("/healthz", period=10, failures=3, timeout=5, port=health_port),
+        "resources": sidecar_resources(pod, settings)[0],
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": settings.sidecar_user,
-            "runAsGroup": settings.sidecar_user,
+            **_user(settings.sidecar_user),
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+
+
+def _user(uid: int | None) -> dict[str, int]:
+    return {} if uid is None else {"runAsUser": uid, "runAsGroup": uid}
 
 
 def _key_sources(source: SidecarSource) -> list[dict[str, Any]]:
@@ -226,7 +318,7 @@ def inject(
     result = copy.deepcopy(dict(pod))
     if is_injected(pod) or requested_policy(pod) is None:
         return result
-    if problems := injection_conflicts(pod):
+    if problems := injection_conflicts(pod, sidecar_ports(settings)):
         raise InjectionConflict("; ".join(problems))
     metadata = result.setdefault("metadata", {})
     metadata["annotations"] = {
@@ -235,7 +327,7 @@ def inject(
         INJECTED_ANNOTATION: f"{source.policy}@{source.config_hash}",
     }
     spec = result.setdefault("spec", {})
-    spec["initContainers"] = [sidecar_container(source, settings), *(spec.get("initContainers") or [])]
+    spec["initContainers"] = [sidecar_container(source, settings, pod), *(spec.get("initContainers") or [])]
     spec["volumes"] = [
         *(spec.get("volumes") or []),
         {"name": POLICY_VOLUME, "configMap": {"name": configmap_name(source.policy)}},

@@ -29,10 +29,15 @@ DEFAULT_PROVIDER_HOSTS: tuple[str, ...] = tuple(
 """The vendors' API hosts: the only hosts a cluster policy may send keys to unless the operator's
 allowlist (`LLMROUTE_PROVIDER_HOSTS`, the chart's `operator.providerHosts`) adds more."""
 
+SIDECAR_HEALTH_PORT = 8788
+"""The sidecar's probe-only listener on the pod IP (`/healthz`, `/readyz`), for the kubelet's httpGet."""
+
 DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "50m", "memory": "64Mi"},
-    "limits": {"memory": "256Mi"},
+    "requests": {"cpu": "50m", "memory": "96Mi"},
+    "limits": {"memory": "384Mi"},
 }
+"""The request covers the measured RSS (68 MB after `make bench`); the limit leaves room above it for the
+sidecar's cap on buffered request bodies (`LLMROUTE_MAX_BUFFERED_BYTES`, 128 MiB) and their parsed copies."""
 
 
 class SettingsError(ValueError):
@@ -101,8 +106,12 @@ class Settings:
     sidecar_resources: dict[str, dict[str, str]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     """`LLMROUTE_SIDECAR_RESOURCES`, JSON: the sidecar container's `resources`."""
 
-    sidecar_user: int = 65532
-    """`LLMROUTE_SIDECAR_USER`: the numeric uid and gid the sidecar runs as (non-root)."""
+    sidecar_user: int | None = None
+    """`LLMROUTE_SIDECAR_USER`: a numeric uid and gid for the sidecar; unset: the image's own non-root
+    user (65532), or whatever the platform assigns (OpenShift's restricted SCC picks one per namespace)."""
+
+    sidecar_health_port: int = SIDECAR_HEALTH_PORT
+    """`LLMROUTE_SIDECAR_HEALTH_PORT`: the injected sidecar's probe-only listener on the pod IP."""
 
     provider_hosts: tuple[str, ...] = DEFAULT_PROVIDER_HOSTS
     """The hosts a policy's `baseURL` may name (`*.example.com` matches its subdomains); any other is
@@ -152,6 +161,7 @@ class Settings:
         number("LLMROUTE_POLICY_CACHE_TTL", "policy_cache_ttl", float)
         number("LLMROUTE_RELAY_REFRESH_INTERVAL", "relay_refresh_interval", float)
         number("LLMROUTE_SIDECAR_USER", "sidecar_user", int)
+        number("LLMROUTE_SIDECAR_HEALTH_PORT", "sidecar_health_port", int)
         for name, key in (
             ("LLMROUTE_WEBHOOK_TLS_DIR", "webhook_tls_dir"),
             ("LLMROUTE_SIDECAR_IMAGE", "sidecar_image"),

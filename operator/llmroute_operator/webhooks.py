@@ -46,7 +46,17 @@ from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
 from . import GROUP, KIND, LAST_GOOD_ANNOTATION, VERSION
-from .injection import SidecarSource, inject, injection_conflicts, json_patch, last_good_source, requested_policy
+from .injection import (
+    SidecarSource,
+    host_network_skip,
+    inject,
+    injection_conflicts,
+    json_patch,
+    last_good_source,
+    requested_policy,
+    sidecar_ports,
+    sidecar_resources,
+)
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import READY, load_cluster_policy
 from .settings import DEFAULT_PROVIDER_HOSTS, Settings, SettingsError
@@ -244,7 +254,10 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
     name = requested_policy(pod)
     if name is None or namespace in settings.skip_namespaces:
         return Verdict(True)
-    if conflicts := injection_conflicts(pod):
+    if (skip := host_network_skip(pod)) is not None:
+        return Verdict(True, warnings=(f"llmroute: not injected: {skip}",))
+    notes = tuple(f"llmroute: {note}" for note in sidecar_resources(pod, settings)[1])
+    if conflicts := injection_conflicts(pod, sidecar_ports(settings)):
         return _bad_policy(
             settings,
             f'llmroute: cannot add the sidecar of LLMRoutePolicy "{namespace}/{name}": {"; ".join(conflicts)} '
@@ -263,17 +276,18 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
         problem = None if reason is None else f"is not Ready: {reason}"
     if problem is None:
         patch = json_patch(pod, inject(pod, SidecarSource.of(policy), settings))
-        return Verdict(True, patch=patch or None)
+        return Verdict(True, patch=patch or None, warnings=notes)
     last_good = last_good_source(name, body.get("status") or {})
     if last_good is None:  # never rendered: there is no config to give the pod
         return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" {problem}')
     note = f"configHash {last_good.config_hash}, because the policy {problem}"
+    lagging = f'llmroute: LLMRoutePolicy "{namespace}/{name}": the sidecar gets its last good config, {note}'
     patch = json_patch(pod, inject(pod, last_good, settings, annotations={LAST_GOOD_ANNOTATION: note[:1024]}))
     uid = (body.get("metadata") or {}).get("uid")
     return Verdict(
         True,
         patch=patch or None,
-        warnings=(f'llmroute: LLMRoutePolicy "{namespace}/{name}": the sidecar gets the last good config, {note}',),
+        warnings=(lagging, *notes),
         lag=Lag(namespace, name, str(uid) if uid else None, last_good.config_hash, problem),
     )
 

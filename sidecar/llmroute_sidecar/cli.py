@@ -114,7 +114,7 @@ def _tune_gc() -> None:
 async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> None:
     from aiohttp import web
 
-    from .server import IDLE_TIMEOUT, create_app, env_number, shut_down
+    from .server import IDLE_TIMEOUT, create_app, env_number, health_app, shut_down
     from .telemetry import tracer_provider_from_env
 
     app = create_app(
@@ -132,6 +132,12 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
         keepalive_timeout=env_number("LLMROUTE_IDLE_TIMEOUT", IDLE_TIMEOUT),
     )
     await runner.setup()
+    health: web.AppRunner | None = None
+    if health_listen := os.environ.get("LLMROUTE_HEALTH_LISTEN"):  # probes only, e.g. 0.0.0.0:8788 in a pod
+        health = web.AppRunner(health_app(app), access_log=None)
+        await health.setup()
+        health_host, _, health_port = health_listen.rpartition(":")
+        await web.TCPSite(health, health_host.strip("[]") or "0.0.0.0", int(health_port)).start()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
     await site.start()
     _tune_gc()
@@ -145,6 +151,8 @@ async def serve(policy: Path, host: str, port: int, drain_timeout: float) -> Non
     await stop.wait()
     logging.getLogger("llmroute").info(orjson.dumps({"event": "draining"}).decode())
     await shut_down(runner, drain_timeout)  # readiness off, stop accepting, drain, then end what is left
+    if health is not None:
+        await health.cleanup()
 
 
 if __name__ == "__main__":

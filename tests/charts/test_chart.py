@@ -410,7 +410,7 @@ def test_operator_and_webhook_deployments() -> None:
     live = container(webhook)["livenessProbe"]["httpGet"]
     assert (live["path"], webhook_ports[live["port"]]) == ("/healthz", 8080)
     assert env(webhook)["LLMROUTE_SKIP_NAMESPACES"].split(",")[-1] == NAMESPACE
-    assert json.loads(env(webhook)["LLMROUTE_SIDECAR_RESOURCES"])["limits"]["memory"] == "256Mi"
+    assert json.loads(env(webhook)["LLMROUTE_SIDECAR_RESOURCES"])["limits"]["memory"] == "384Mi"
     assert env(webhook)["LLMROUTE_SIDECAR_IMAGE_PULL_POLICY"] == "IfNotPresent"
     tagged = render(
         "--set",

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,7 @@ from llmroute_operator.reconcile import CONFIG_KEY, build_configmap
 from llmroute_sidecar.policy import RENDERED_ANNOTATION, load_policy, render_sidecar_config
 
 from .conftest import policy_body
+from .sidecar_process import get, running_sidecar, sidecar_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 PREVIOUS_RELEASE = "08c4f4d"
@@ -54,65 +51,9 @@ def previous_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target / "sidecar"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _get(url: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def _environment(package_dir: Path, port: int) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("LLMROUTE_", "OTEL_"))},
-        "PYTHONPATH": str(package_dir),  # ahead of the installed (new) package
-        "LLMROUTE_LISTEN": f"127.0.0.1:{port}",
-    }
-
-
-def _run_sidecar(package_dir: Path, policy_file: Path) -> Iterator[tuple[int, str]]:
-    """Start the sidecar from `package_dir` on `policy_file`; yield its /readyz answer once it serves."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmroute_sidecar.cli", "sidecar", "--policy", str(policy_file)],
-        env=_environment(package_dir, port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # the policy is loaded before the listener opens: once /healthz answers, /readyz decides
-            if process.poll() is not None:
-                raise AssertionError(f"the sidecar exited: {process.stderr.read().decode() if process.stderr else ''}")
-            try:
-                if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the sidecar did not start within 30 s"
-            time.sleep(0.05)
-        yield _get(f"http://127.0.0.1:{port}/readyz")
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def readiness(package_dir: Path, policy_file: Path) -> tuple[int, str]:
-    return next(iter(_run_sidecar(package_dir, policy_file)))
+    with running_sidecar(policy_file, package_dir=package_dir) as sidecar:
+        return get(f"{sidecar.url}/readyz")
 
 
 def example_policy() -> dict[str, Any]:
@@ -124,7 +65,7 @@ def example_policy() -> dict[str, Any]:
 def test_the_previous_package_is_what_the_subprocess_imports(previous_sidecar: Path) -> None:
     found = subprocess.run(
         [sys.executable, "-c", "import llmroute_sidecar; print(llmroute_sidecar.__file__)"],
-        env=_environment(previous_sidecar, 0), capture_output=True, text=True, timeout=60, check=True,
+        env=sidecar_environment(previous_sidecar, {}), capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert Path(found.stdout.strip()).is_relative_to(previous_sidecar)
 

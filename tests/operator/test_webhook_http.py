@@ -490,3 +490,34 @@ async def until(check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, w
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+async def test_a_host_network_pod_is_admitted_without_the_sidecar_unless_it_asks(
+    kube: KubeEmulator, webhook: Any
+) -> None:
+    await create_ready_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod()
+    pod["spec"]["hostNetwork"] = True
+
+    response = await admit(url, review(pod))
+
+    assert response["allowed"] is True and "patch" not in response
+    assert "llmroute.dev/inject-host-network" in response["warnings"][0]
+    asked = a_pod(**{"llmroute.dev/inject-host-network": "true"})
+    asked["spec"]["hostNetwork"] = True
+    assert applied(asked, await admit(url, review(asked)))["spec"]["initContainers"][0]["name"] == "llmroute"
+
+
+async def test_a_bad_resource_annotation_is_a_warning_not_a_refusal(kube: KubeEmulator, webhook: Any) -> None:
+    await create_ready_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod(**{"llmroute.dev/sidecar-memory-limit": "a lot"})
+
+    response = await admit(url, review(pod))
+
+    sidecar = applied(pod, response)["spec"]["initContainers"][0]
+    assert sidecar["resources"]["limits"]["memory"] == "384Mi"
+    assert response["warnings"] == [
+        "llmroute: llmroute.dev/sidecar-memory-limit: 'a lot' is not a Kubernetes quantity; the default is kept"
+    ]

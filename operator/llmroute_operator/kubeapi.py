@@ -138,6 +138,17 @@ class KubeApi:
             raise _error(exc) from None
         return self._plain(result)
 
+    async def list_configmaps(self, label_selector: str) -> list[dict[str, Any]]:
+        """ConfigMaps of every namespace matching `label_selector`."""
+        try:
+            with _transport_errors():
+                found = await self._core.list_config_map_for_all_namespaces(
+                    label_selector=label_selector, **self._list_timeout
+                )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [self._plain(item) for item in found.items or []]
+
     async def read_secret_keys(self, namespace: str, name: str) -> list[str] | None:
         """The key names a Secret holds (never the values), or None when there is no such Secret."""
         try:

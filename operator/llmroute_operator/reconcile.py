@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llmroute_sidecar.policy import (
+    API_VERSION,
+    KIND,
     SANE_BUDGET,
     LoadedPolicy,
     PolicyError,
@@ -37,6 +39,8 @@ MANAGED_BY_LABELS = {
     "app.kubernetes.io/managed-by": "llmroute-operator",
     "app.kubernetes.io/part-of": "llmroute",
 }
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=llmroute-operator"
+"""Label selector of the ConfigMaps the operator writes."""
 
 READY = "Ready"
 HOT_HOT_ROUTING = "HotHotRouting"
@@ -384,3 +388,29 @@ def condition_is_true(status: Mapping[str, Any] | None, condition_type: str) -> 
 def has_missing_secret(status: Mapping[str, Any], **_: Any) -> bool:
     """kopf `when=` filter: the policy waits for a Secret (re-checked until it appears)."""
     return condition_is_true(status, MISSING_SECRET)
+
+
+def policy_event(
+    policy_body: Mapping[str, Any], *, kind: str, reason: str, message: str, component: str, now: datetime.datetime
+) -> dict[str, Any]:
+    """A core/v1 Event about the policy (`kind`: Normal or Warning), as the API takes it."""
+    metadata = policy_body.get("metadata") or {}
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    involved: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "name": name, "namespace": namespace}
+    if metadata.get("uid"):
+        involved["uid"] = metadata["uid"]
+    stamp = timestamp(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": involved,
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }

@@ -61,7 +61,12 @@ class Settings:
 
     secret_recheck_interval: float = 5.0
     """`LLMROUTE_SECRET_RECHECK_INTERVAL` (seconds): how often a policy whose Secrets are missing is
-    checked again, so the MissingSecret condition clears soon after the Secret appears."""
+    checked again, so the MissingSecret condition clears soon after the Secret appears (one list of
+    the policies per interval)."""
+
+    configmap_resync_interval: float = 30.0
+    """`LLMROUTE_CONFIGMAP_RESYNC_INTERVAL` (seconds): how often the operator lists its ConfigMaps and
+    restores any that was deleted or edited behind its back."""
 
     check_secrets: bool = True
     """`LLMROUTE_CHECK_SECRETS` (`true`/`false`): read the Secrets a policy names (get, key names only) to
@@ -157,6 +162,7 @@ class Settings:
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
         number("LLMROUTE_RELAY_PORT", "relay_port", int)
         number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
+        number("LLMROUTE_CONFIGMAP_RESYNC_INTERVAL", "configmap_resync_interval", float)
         number("LLMROUTE_SHEDDING_REFRESH_INTERVAL", "shedding_refresh_interval", float)
         number("LLMROUTE_POLICY_CACHE_TTL", "policy_cache_ttl", float)
         number("LLMROUTE_RELAY_REFRESH_INTERVAL", "relay_refresh_interval", float)

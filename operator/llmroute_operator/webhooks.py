@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import logging
 import signal
@@ -45,7 +46,7 @@ from aiohttp import web
 from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
-from . import GROUP, KIND, LAST_GOOD_ANNOTATION, VERSION
+from . import LAST_GOOD_ANNOTATION
 from .injection import (
     SidecarSource,
     host_network_skip,
@@ -58,7 +59,7 @@ from .injection import (
     sidecar_resources,
 )
 from .kubeapi import KubeApi, KubeApiError
-from .reconcile import READY, load_cluster_policy
+from .reconcile import READY, load_cluster_policy, policy_event
 from .settings import DEFAULT_PROVIDER_HOSTS, Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -172,24 +173,12 @@ class LagReporter:
         task.add_done_callback(self._tasks.discard)
 
     async def _write(self, sink: EventSink, lag: Lag) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{lag.policy}.", "namespace": lag.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": lag.policy, "namespace": lag.namespace,
-                **({"uid": lag.uid} if lag.uid else {}),
-            },
-            "type": "Warning",
-            "reason": "InjectedLastGoodConfig",
-            "message": f"new pods get the last good config (configHash {lag.config_hash}): the policy {lag.reason}",
-            "source": {"component": "llmroute-webhook"},
-            "reportingComponent": "llmroute-webhook",
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }  # fmt: skip
+        policy = {"metadata": {"name": lag.policy, "namespace": lag.namespace, "uid": lag.uid}}
+        event = policy_event(
+            policy, kind="Warning", reason="InjectedLastGoodConfig", component="llmroute-webhook",
+            message=f"new pods get the last good config (configHash {lag.config_hash}): the policy {lag.reason}",
+            now=datetime.datetime.now(datetime.UTC),
+        )  # fmt: skip
         try:
             await sink.create_event(lag.namespace, event)
         except Exception as exc:  # an Event is a courtesy: the pod is admitted either way

@@ -444,7 +444,7 @@ def test_rbac_is_least_privilege() -> None:
         ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
         ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
         ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
-        ("", "configmaps"): {"get", "create", "patch"},
+        ("", "configmaps"): {"get", "list", "create", "patch"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

@@ -61,10 +61,14 @@ def events(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
     ]
 
 
+FAST = Settings(secret_recheck_interval=0.3, configmap_resync_interval=0.3)
+"""Resync passes every 0.3 s, so restored ConfigMaps and found Secrets show up quickly."""
+
+
 @contextlib.asynccontextmanager
 async def running_operator(kube: KubeEmulator, settings: Settings | None = None) -> AsyncIterator[None]:
     """kopf running the reconciler's registry against `kube`, stopped (and awaited) on exit."""
-    settings = settings or Settings()
+    settings = settings or FAST
     memo = handlers.OperatorMemo(settings=settings, connection=kopf.ConnectionInfo(server=str(kube.url).rstrip("/")))
     options = {**handlers.operator_options(settings), "liveness_endpoint": None}
     stop, ready = threading.Event(), threading.Event()
@@ -205,27 +209,70 @@ async def test_a_missing_secret_is_reported_until_the_secret_appears(kube: KubeE
     )
 
 
-async def test_a_deleted_policy_is_released_even_while_its_finalizer_is_held(
-    kube: KubeEmulator, operator: None
-) -> None:
-    # While a Secret is missing, kopf's timer holds a finalizer on the policy: deletion must stop the
-    # timer and release it. The ConfigMap is then the garbage collector's, by its owner reference.
-    await apply(kube, POLICY_URL, policy_body())
-    await eventually(
-        lambda: "llmroute.dev/finalizer" in stored(kube, POLICIES, "support-bot")["metadata"]["finalizers"],  # type: ignore[index]
-        what="the finalizer",
-    )
+async def test_a_policy_is_deletable_while_the_operator_is_uninstalled(kube: KubeEmulator) -> None:
+    """No finalizer on a policy, even one waiting for a Secret: deleting it (or its namespace) never waits
+    for an operator that is gone. The ConfigMap is then the garbage collector's, by its owner reference."""
+    async with running_operator(kube):
+        await apply(kube, POLICY_URL, policy_body())
+        await eventually(
+            lambda: (c := condition(kube, "support-bot", "MissingSecret")) and c["status"] == "True",
+            what="MissingSecret",
+        )
+    assert not stored(kube, POLICIES, "support-bot")["metadata"].get("finalizers")  # type: ignore[index]
 
     async with kube.delete(f"{POLICY_URL}/support-bot") as response:
         assert response.status == 200
 
-    await eventually(lambda: stored(kube, POLICIES, "support-bot") is None, what="the policy to be gone")
-    history = [v for (res, _, _), obj in kube.objects.items() if res == POLICIES for v in obj.history if v]
-    assert any(v["metadata"].get("deletionTimestamp") for v in history)  # deleted via the finalizer path
+    assert stored(kube, POLICIES, "support-bot") is None
     configmap = stored(kube, CONFIGMAPS, "support-bot-llmroute")
     assert configmap is not None
     [owner] = configmap["metadata"]["ownerReferences"]
     assert owner["blockOwnerDeletion"] is True and owner["name"] == "support-bot"
+
+
+async def test_a_deleted_or_edited_configmap_is_restored(kube: KubeEmulator, operator: None) -> None:
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    first = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    good = first["data"]["policy.json"]
+    url = f"/api/v1/namespaces/{NAMESPACE}/configmaps/support-bot-llmroute"
+
+    async with kube.delete(url) as response:
+        assert response.status == 200
+    restored = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the restored ConfigMap")
+    assert restored["data"]["policy.json"] == good
+    assert restored["metadata"]["ownerReferences"][0]["name"] == "support-bot"
+
+    await merge_patch(kube, url, {"data": {"policy.json": "{}"}})
+    await eventually(
+        lambda: (stored(kube, CONFIGMAPS, "support-bot-llmroute") or {}).get("data", {}).get("policy.json") == good,
+        what="the edit undone",
+    )
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+    await eventually(lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "ConfigMapCreated"][1:])
+
+
+async def test_a_huge_prompt_leaves_kopf_a_small_annotation(kube: KubeEmulator, operator: None) -> None:
+    """kopf's last-handled state is a digest: a 300 KiB prompt would not fit an annotation (256 KiB)."""
+    spec = copy.deepcopy(policy_body()["spec"])
+    spec["routes"][0]["targets"][0]["prompt"] = {"system": "Be helpful. " * 25_000}
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body(spec=spec))
+    await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True", what="Ready")
+
+    annotations = stored(kube, POLICIES, "support-bot")["metadata"].get("annotations") or {}  # type: ignore[index]
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 1024, annotations
+    assert annotations["llmroute.dev/last-handled-configuration"].startswith("sha256:")
+
+    spec["routes"][0]["budget"] = "9s"  # an edit is still seen as one
+    await merge_patch(kube, f"{POLICY_URL}/support-bot", {"spec": {"routes": spec["routes"]}})
+    await eventually(
+        lambda: (
+            '"budget": "9s"'
+            in (stored(kube, CONFIGMAPS, "support-bot-llmroute") or {}).get("data", {}).get("policy.json", "")
+        ),
+        what="the edit rendered",
+    )
 
 
 async def test_a_restarted_operator_leaves_an_unchanged_configmap_alone(kube: KubeEmulator) -> None:
@@ -272,8 +319,16 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
 
     async def relay(request: web.Request) -> web.Response:
         reading = Reading(state=state["now"], level=3 if state["now"] == "major_outage" else 0, usable=True)
-        entry = {**reading.to_json(), "type": page["type"], "url": page["url"], "watched": page["components"],
-                 "seq": 1, "epoch": "e1", "polledAt": None, "age": 1.0}
+        entry = {
+            **reading.to_json(),
+            "type": page["type"],
+            "url": page["url"],
+            "watched": page["components"],
+            "seq": 1,
+            "epoch": "e1",
+            "polledAt": None,
+            "age": 1.0,
+        }
         key = page_key(load_policy(policy_body(spec=spec)).spec.providers[0].status_page)  # type: ignore[arg-type]
         return web.json_response({"relay": {"pages": 1}, "pages": {key: entry}})
 

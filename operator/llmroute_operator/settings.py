@@ -79,6 +79,13 @@ class Settings:
     webhook_port: int = 8443
     """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""
 
+    shutdown_delay: float = 5.0
+    """`LLMROUTE_SHUTDOWN_DELAY` (seconds): after SIGTERM the admission server answers `/readyz` with 503
+    and keeps serving this long, so the API server stops sending reviews to it before it closes."""
+
+    drain_timeout: float = 20.0
+    """`LLMROUTE_DRAIN_TIMEOUT` (seconds): how long reviews in flight when the listener closes may finish."""
+
     relay_port: int = 8080
     """`LLMROUTE_RELAY_PORT`: the status relay for sidecars (`GET /v1/statuspages`), plain HTTP."""
 
@@ -160,6 +167,8 @@ class Settings:
         values["peering"] = get("LLMROUTE_PEERING")
         number("LLMROUTE_HEALTH_PORT", "health_port", int)
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
+        number("LLMROUTE_SHUTDOWN_DELAY", "shutdown_delay", float)
+        number("LLMROUTE_DRAIN_TIMEOUT", "drain_timeout", float)
         number("LLMROUTE_RELAY_PORT", "relay_port", int)
         number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
         number("LLMROUTE_CONFIGMAP_RESYNC_INTERVAL", "configmap_resync_interval", float)

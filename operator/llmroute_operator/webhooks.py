@@ -190,6 +190,14 @@ class LagReporter:
                 await task
 
 
+@dataclass
+class Draining:
+    """Set at SIGTERM: `/readyz` fails so the API server stops sending reviews; in-flight ones finish."""
+
+    started: bool = False
+
+
+DRAINING_KEY = web.AppKey("llmroute_draining", Draining)
 SETTINGS_KEY = web.AppKey("llmroute_settings", Settings)
 CACHE_KEY = web.AppKey("llmroute_policy_cache", PolicyCache)
 LAG_KEY = web.AppKey("llmroute_lag_reporter", LagReporter)
@@ -317,11 +325,18 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+async def _ready(request: web.Request) -> web.Response:
+    if request.app[DRAINING_KEY].started:
+        return web.Response(status=503, text="draining\n")
+    return web.Response(text="ok\n")
+
+
 def build_webhook_app(settings: Settings, source: PolicySource) -> web.Application:
     """The admission app: `POST /mutate-pods`, `GET /healthz`, `GET /readyz`."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS_KEY] = settings
     app[CACHE_KEY] = PolicyCache(source, settings.policy_cache_ttl)
+    app[DRAINING_KEY] = Draining()
     app[LAG_KEY] = lag = LagReporter(source if isinstance(source, EventSink) else None, LAG_EVENT_INTERVAL)
 
     async def close_reporter(_: web.Application) -> None:
@@ -330,7 +345,7 @@ def build_webhook_app(settings: Settings, source: PolicySource) -> web.Applicati
     app.on_cleanup.append(close_reporter)
     app.router.add_post(MUTATE_PATH, _mutate_pods)
     app.router.add_get("/healthz", _ok)
-    app.router.add_get("/readyz", _ok)
+    app.router.add_get("/readyz", _ready)
     return app
 
 
@@ -499,7 +514,9 @@ async def keep_tls_fresh(tls: WebhookTls, interval: float) -> None:
 async def serve(
     settings: Settings, source: PolicySource, stop: asyncio.Event, *, tls_reload_interval: float = TLS_RELOAD_INTERVAL
 ) -> None:
-    """Run both listeners until `stop` is set."""
+    """Run both listeners until `stop` is set, then drain: `/readyz` fails at once, the listeners keep
+    serving for `settings.shutdown_delay` (the API server and kube-proxy see the pod go unready), then
+    close, and reviews in flight get `settings.drain_timeout` to finish."""
     from llmroute_sidecar.statusrelay import build_relay_app
 
     tls = webhook_tls(settings)
@@ -511,17 +528,21 @@ async def serve(
         relay_board(settings, source) as board,
         _background(None if tls is None else keep_tls_fresh(tls, tls_reload_interval)),
     ):
+        admission = build_webhook_app(settings, source)
         try:
             for app, port, ssl_context in (
-                (build_webhook_app(settings, source), settings.webhook_port, context),
+                (admission, settings.webhook_port, context),
                 (build_relay_app(board), settings.relay_port, None),
             ):
-                runner = web.AppRunner(app, access_log=None)
+                runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout)
                 await runner.setup()
                 runners.append(runner)
                 await web.TCPSite(runner, "0.0.0.0", port, ssl_context=ssl_context).start()
             log.info("admission on :%d, status relay on :%d", settings.webhook_port, settings.relay_port)
             await stop.wait()
+            admission[DRAINING_KEY].started = True
+            log.info("draining: unready now, closing in %gs", settings.shutdown_delay)
+            await asyncio.sleep(settings.shutdown_delay)
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()

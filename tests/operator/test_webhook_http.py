@@ -34,7 +34,7 @@ from llmroute_operator.webhooks import build_webhook_app, serve
 from .conftest import EVENTS, NAMESPACE, POLICY_URL, eventually, policy_body
 from .kube_emulator import KubeEmulator
 
-SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", webhook_tls_dir="/nonexistent")
+SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", webhook_tls_dir="/nonexistent", shutdown_delay=0)
 
 
 def review(pod: dict[str, Any], *, namespace: str = NAMESPACE, operation: str = "CREATE") -> dict[str, Any]:
@@ -521,3 +521,59 @@ async def test_a_bad_resource_annotation_is_a_warning_not_a_refusal(kube: KubeEm
     assert response["warnings"] == [
         "llmroute: llmroute.dev/sidecar-memory-limit: 'a lot' is not a Kubernetes quantity; the default is kept"
     ]
+
+
+class HeldSource:
+    """A policy source whose reads wait until released: a review stays in flight as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.reading, self.release = asyncio.Event(), asyncio.Event()
+
+    async def read_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reading.set()
+        await self.release.wait()
+        body = policy_body(name)
+        return {**body, "status": ready_status(body)}
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_shutdown_turns_unready_first_and_finishes_the_reviews_in_flight() -> None:
+    """SIGTERM (here: `stop`) must not drop a review the API server already sent: under failurePolicy
+    Ignore that pod would start without its sidecar, reported nowhere."""
+    settings = replace(SETTINGS, webhook_port=free_port(), relay_port=free_port(), shutdown_delay=0.5)
+    base = f"http://127.0.0.1:{settings.webhook_port}"
+    source, stop = HeldSource(), asyncio.Event()
+    server = asyncio.create_task(serve(settings, source, stop))
+
+    async def status_of(path: str) -> int | None:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(base + path) as answer:
+                return answer.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    try:
+        assert await until(lambda: status_of("/readyz"), what="the webhook") == 200
+        in_flight = asyncio.create_task(admit(base, review(a_pod())))
+        await asyncio.wait_for(source.reading.wait(), 10)
+
+        stop.set()
+        assert await until(lambda: _is(503, status_of("/readyz")), what="readiness off")
+        assert await status_of("/healthz") == 200  # still serving during the delay
+        source.release.set()
+
+        response = await asyncio.wait_for(in_flight, 10)
+        assert applied(a_pod(), response)["spec"]["initContainers"][0]["name"] == "llmroute"
+        await asyncio.wait_for(server, 10)
+        assert await status_of("/healthz") is None  # closed
+    finally:
+        stop.set()
+        source.release.set()
+        if not server.done():
+            await asyncio.wait_for(server, 10)
+
+
+async def _is(expected: int, status: Awaitable[int | None]) -> bool:
+    return await status == expected

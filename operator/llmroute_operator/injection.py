@@ -239,9 +239,10 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 3, port: int
 
 
 def sidecar_container(
-    source: SidecarSource, settings: Settings, pod: Mapping[str, Any] | None = None
+    source: SidecarSource | LoadedPolicy, settings: Settings, pod: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The injected container for `pod` (pure: the same source, settings and pod give the same container)."""
+    source = source if isinstance(source, SidecarSource) else SidecarSource.of(source)
     pod = pod or {}
     host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
     health_port = None if host_network else settings.sidecar_health_port

@@ -33,13 +33,14 @@ from llmroute_sidecar.policy import PolicyError
 from llmroute_sidecar.statuspolling import RelayUnavailable
 from llmroute_sidecar.statusrelay import RelayClient
 
-from . import CONFIG_HASH_ANNOTATION, GROUP, PLURAL, VERSION
+from . import CONFIG_HASH_ANNOTATION, GROUP, INJECT_ANNOTATION, PLURAL, VERSION
 from .diffbase import DigestDiffBaseStorage
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import (
     MANAGED_SELECTOR,
     MISSING_SECRET,
     READY,
+    UNINJECTED_PODS,
     build_configmap,
     build_status,
     condition_is_true,
@@ -47,10 +48,13 @@ from .reconcile import (
     configmap_patch,
     is_owned_by,
     load_cluster_policy,
+    merge_conditions,
     missing_secrets,
     policy_event,
     referenced_secrets,
     shedding_providers,
+    uninjected_condition,
+    uninjected_pods,
 )
 from .settings import Settings, SettingsError
 
@@ -158,8 +162,9 @@ async def resync_once(kube: KubeApi, settings: Settings, *, configmaps: bool) ->
             for cm in await kube.list_configmaps(MANAGED_SELECTOR)
             if (cm.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/managed-by") == "llmroute-operator"
         }
+    policies = await kube.list_policies()
     touched = []
-    for body in await kube.list_policies():
+    for body in policies:
         if not _served(body, settings):
             continue
         metadata, status = body.get("metadata") or {}, body.get("status") or {}
@@ -185,7 +190,47 @@ async def resync_once(kube: KubeApi, settings: Settings, *, configmaps: bool) ->
             event = policy_event(body, kind=kind, reason=reason, message=message, component=COMPONENT, now=now)
             await kube.create_event(namespace, event)
         touched.append(f"{namespace}/{name}")
+    if configmaps and settings.report_uninjected_pods:
+        await report_uninjected(kube, settings, [b for b in policies if _served(b, settings)])
     return touched
+
+
+NAMESPACE_OPT_IN = "llmroute.dev/injection=enabled"
+POD_OPT_IN = f"{INJECT_ANNOTATION}=true"
+
+
+async def report_uninjected(kube: KubeApi, settings: Settings, policies: list[dict[str, Any]]) -> None:
+    """Set each policy's UninjectedPods condition from the running pods that opted in to it but have no
+    sidecar (one list of labelled pods, one per labelled namespace); an Event when that set changes."""
+    pods = {
+        (pod["metadata"].get("namespace"), pod["metadata"].get("name")): pod
+        for pod in await kube.list_pods(label_selector=POD_OPT_IN)
+    }
+    for namespace in await kube.list_namespace_names(NAMESPACE_OPT_IN):
+        for pod in await kube.list_pods(namespace=namespace):
+            pods.setdefault((pod["metadata"].get("namespace"), pod["metadata"].get("name")), pod)
+    missing = uninjected_pods(pods.values(), settings.skip_namespaces)
+    now = datetime.datetime.now(datetime.UTC)
+    for body in policies:
+        metadata, status = body.get("metadata") or {}, body.get("status") or {}
+        namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+        current = uninjected_condition(missing.get((namespace, name), []))
+        before = next((c for c in status.get("conditions") or [] if c.get("type") == UNINJECTED_PODS), None)
+        if before is not None and (before.get("status"), before.get("message")) == (current.status, current.message):
+            continue
+        if before is None and current.status == "False":
+            continue  # nothing to report, and nothing reported before
+        fresh = await kube.read_policy(namespace, name)  # merged into the latest conditions, not the listed ones
+        if fresh is None:
+            continue
+        latest = (fresh.get("status") or {}).get("conditions") or []
+        conditions = merge_conditions(latest, [current], generation=metadata.get("generation"), now=now)
+        await kube.patch_policy_status(namespace, name, {"conditions": conditions})
+        if current.status == "True":
+            event = policy_event(
+                body, kind="Warning", reason="PodsWithoutSidecar", message=current.message, component=COMPONENT, now=now
+            )
+            await kube.create_event(namespace, event)
 
 
 async def keep_in_sync(memo: OperatorMemo, logger: logging.Logger) -> None:

@@ -149,6 +149,31 @@ class KubeApi:
             raise _error(exc) from None
         return [self._plain(item) for item in found.items or []]
 
+    async def list_pods(self, *, label_selector: str = "", namespace: str | None = None) -> list[dict[str, Any]]:
+        """Pods matching `label_selector`, in `namespace` or in all namespaces."""
+        try:
+            with _transport_errors():
+                if namespace is None:
+                    found = await self._core.list_pod_for_all_namespaces(
+                        label_selector=label_selector, **self._list_timeout
+                    )
+                else:
+                    found = await self._core.list_namespaced_pod(
+                        namespace, label_selector=label_selector, **self._list_timeout
+                    )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [self._plain(item) for item in found.items or []]
+
+    async def list_namespace_names(self, label_selector: str) -> list[str]:
+        """Names of the namespaces matching `label_selector`."""
+        try:
+            with _transport_errors():
+                found = await self._core.list_namespace(label_selector=label_selector, **self._list_timeout)
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [str(item.metadata.name) for item in found.items or [] if item.metadata and item.metadata.name]
+
     async def read_secret_keys(self, namespace: str, name: str) -> list[str] | None:
         """The key names a Secret holds (never the values), or None when there is no such Secret."""
         try:

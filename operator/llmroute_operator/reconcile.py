@@ -31,7 +31,13 @@ from llmroute_sidecar.policy import (
 from llmroute_sidecar.statuspages import page_key
 from llmroute_sidecar.statuspolling import RelayEntry
 
-from . import CONFIG_HASH_ANNOTATION, POLICY_ANNOTATION
+from . import (
+    CONFIG_HASH_ANNOTATION,
+    HOST_NETWORK_ANNOTATION,
+    INJECT_ANNOTATION,
+    INJECTED_ANNOTATION,
+    POLICY_ANNOTATION,
+)
 from .settings import DEFAULT_PROVIDER_HOSTS
 
 CONFIG_KEY = "policy.json"
@@ -48,7 +54,9 @@ BUDGET_OUT_OF_RANGE = "BudgetOutOfRange"
 MISSING_SECRET = "MissingSecret"
 SERVING_LAST_GOOD = "ServingLastGood"
 """Abnormal-true: pods get the last good config (the ConfigMap), not the current spec."""
-CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET, SERVING_LAST_GOOD)
+UNINJECTED_PODS = "UninjectedPods"
+"""Abnormal-true: pods that opted in to this policy run without the sidecar."""
+CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET, SERVING_LAST_GOOD, UNINJECTED_PODS)
 
 
 def configmap_name(policy_name: str) -> str:
@@ -414,3 +422,39 @@ def policy_event(
         "lastTimestamp": stamp,
         "count": 1,
     }
+
+
+def uninjected_pods(
+    pods: Iterable[Mapping[str, Any]], skip_namespaces: Iterable[str]
+) -> dict[tuple[str, str], list[str]]:
+    """(namespace, policy) -> names of the running pods that opted in to that policy but have no sidecar
+    (admitted while the webhook was unreachable, under failurePolicy Ignore: no keys, no base URLs)."""
+    skipped = set(skip_namespaces)
+    found: dict[tuple[str, str], list[str]] = {}
+    for pod in pods:
+        metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        annotations, labels = metadata.get("annotations") or {}, metadata.get("labels") or {}
+        policy = annotations.get(POLICY_ANNOTATION)
+        namespace = str(metadata.get("namespace"))
+        if not policy or namespace in skipped or INJECTED_ANNOTATION in annotations:
+            continue
+        if any(str(m.get(INJECT_ANNOTATION, "")).lower() == "false" for m in (annotations, labels)):
+            continue
+        if spec.get("hostNetwork") and str(annotations.get(HOST_NETWORK_ANNOTATION, "")).lower() != "true":
+            continue  # skipped by design
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or metadata.get("deletionTimestamp"):
+            continue
+        found.setdefault((namespace, str(policy)), []).append(str(metadata.get("name")))
+    return found
+
+
+def uninjected_condition(names: Sequence[str]) -> Condition:
+    """The UninjectedPods condition for the pods of one policy found without the sidecar."""
+    if not names:
+        return Condition(UNINJECTED_PODS, "False", "AllInjected", "every running pod that opted in has the sidecar")
+    shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return Condition(
+        UNINJECTED_PODS, "True", "PodsWithoutSidecar",
+        f"{len(names)} running pod(s) opted in but have no sidecar (admitted while the webhook was unreachable?): "
+        f"{shown}; delete them to have them recreated with it",
+    )  # fmt: skip

@@ -64,6 +64,10 @@ class Settings:
     checked again, so the MissingSecret condition clears soon after the Secret appears (one list of
     the policies per interval)."""
 
+    report_uninjected_pods: bool = True
+    """`LLMROUTE_REPORT_UNINJECTED_PODS` (`true`/`false`): at each ConfigMap resync, list the pods that opted
+    in (by label, or in a labelled namespace) and report those without the sidecar on their policy."""
+
     configmap_resync_interval: float = 30.0
     """`LLMROUTE_CONFIGMAP_RESYNC_INTERVAL` (seconds): how often the operator lists its ConfigMaps and
     restores any that was deleted or edited behind its back."""
@@ -185,11 +189,14 @@ class Settings:
         ):
             if (raw := get(name)) is not None:
                 values[key] = raw
-        check = get("LLMROUTE_CHECK_SECRETS")
-        if check is not None:
-            if check.lower() not in ("true", "false"):
-                raise SettingsError(f"LLMROUTE_CHECK_SECRETS: expected true or false, got {check!r}")
-            values["check_secrets"] = check.lower() == "true"
+        for name, key in (
+            ("LLMROUTE_CHECK_SECRETS", "check_secrets"),
+            ("LLMROUTE_REPORT_UNINJECTED_PODS", "report_uninjected_pods"),
+        ):
+            if (flag := get(name)) is not None:
+                if flag.lower() not in ("true", "false"):
+                    raise SettingsError(f"{name}: expected true or false, got {flag!r}")
+                values[key] = flag.lower() == "true"
         unknown = get("LLMROUTE_UNKNOWN_POLICY")
         if unknown is not None:
             if unknown not in ("refuse", "allow"):

@@ -441,10 +441,12 @@ def test_rbac_is_least_privilege() -> None:
     # their status and creates core/v1 Events; kubeapi.py gets, creates and merge-patches ConfigMaps and
     # only gets Secrets (never list/watch: the operator must not be able to read every Secret).
     assert granted["llmroute-operator"] == {
-        ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
+        ("llmroute.dev", "llmroutepolicies"): {"get", "list", "watch", "patch"},
         ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
         ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
         ("", "configmaps"): {"get", "list", "create", "patch"},
+        ("", "pods"): {"list"},  # opted-in pods without the sidecar (UninjectedPods)
+        ("", "namespaces"): {"list"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -493,7 +495,13 @@ KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolici
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
 }
 CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update"}
-CLIENT_RESOURCES = {"config_map": ("", "configmaps"), "secret": ("", "secrets"), "event": ("", "events")}
+CLIENT_RESOURCES = {
+    "config_map": ("", "configmaps"),
+    "secret": ("", "secrets"),
+    "event": ("", "events"),
+    "pod": ("", "pods"),
+    "namespace": ("", "namespaces"),
+}
 
 
 def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:

@@ -388,3 +388,53 @@ async def test_an_allowlisted_host_is_rendered(kube: KubeEmulator) -> None:
         await apply(kube, POLICY_URL, policy_body(spec=spec))
         configmap = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
     assert "https://corp.openai.azure.com/openai/v1" in configmap["data"]["policy.json"]
+
+
+def a_pod(name: str, **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"llmroute.dev/inject": "true"},
+            "annotations": {"llmroute.dev/policy": "support-bot", **annotations},
+        },
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+async def test_opted_in_pods_running_without_the_sidecar_are_reported(kube: KubeEmulator, operator: None) -> None:
+    """Under failurePolicy Ignore a pod admitted while the webhook was down starts without keys or base
+    URLs; the policy says so (condition and Event) until the pod is gone."""
+    pods_url = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    kube.namespace_labels.update({NAMESPACE: {"llmroute.dev/injection": "enabled"}, "other": {}})
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True", what="Ready")
+    await apply(kube, pods_url, a_pod("web-injected", **{"llmroute.dev/injected": "support-bot@abc"}))
+    await apply(kube, pods_url, a_pod("web-bare"))
+    in_labelled_namespace = a_pod("worker-bare")
+    del in_labelled_namespace["metadata"]["labels"]  # opted in by its namespace's label only
+    await apply(kube, pods_url, in_labelled_namespace)
+
+    reported = await eventually(  # passes may run between the creations: wait for the one that saw all three
+        lambda: (c := condition(kube, "support-bot", "UninjectedPods")) and "2 running" in c["message"] and c,
+        what="UninjectedPods",
+    )
+    assert reported["status"] == "True"
+    assert "2 running pod(s)" in reported["message"] and "web-bare, worker-bare" in reported["message"]
+    assert "web-injected" not in reported["message"]
+    await eventually(
+        lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "PodsWithoutSidecar"], what="the Event"
+    )
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+
+    for name in ("web-bare", "worker-bare"):
+        async with kube.delete(f"{pods_url}/{name}") as response:
+            assert response.status == 200
+    await eventually(
+        lambda: condition(kube, "support-bot", "UninjectedPods")["status"] == "False",  # type: ignore[index]
+        what="UninjectedPods to clear",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,8 @@ from llmroute_operator.reconcile import (
     has_missing_secret,
     missing_secrets,
     referenced_secrets,
+    uninjected_condition,
+    uninjected_pods,
 )
 from llmroute_sidecar.policy import PolicyError, load_policy, render_sidecar_config
 
@@ -196,3 +199,27 @@ def test_missing_secrets_names_absent_secrets_once_and_absent_keys() -> None:
         'Secret "llm-keys" has no key "openai"',
         'Secret "other" has no key "g"',
     ]
+
+
+def test_uninjected_pods_are_the_running_opted_in_ones_without_the_sidecar() -> None:
+    def pod(name: str, namespace: str = "apps", phase: str = "Running", host: bool = False, **notes: str) -> Any:
+        return {
+            "metadata": {"name": name, "namespace": namespace, "annotations": {"llmroute.dev/policy": "bot", **notes}},
+            "spec": {"hostNetwork": host},
+            "status": {"phase": phase},
+        }
+
+    pods = [
+        pod("bare"),
+        pod("injected", **{"llmroute.dev/injected": "bot@1"}),
+        pod("done", phase="Succeeded"),
+        pod("opted-out", **{"llmroute.dev/inject": "false"}),
+        pod("host", host=True),
+        pod("host-asked", host=True, **{"llmroute.dev/inject-host-network": "true"}),
+        pod("system", namespace="kube-system"),
+        {"metadata": {"name": "no-policy", "namespace": "apps"}},
+    ]
+    assert uninjected_pods(pods, ["kube-system"]) == {("apps", "bot"): ["bare", "host-asked"]}
+    assert uninjected_condition([]).status == "False"
+    many = uninjected_condition([f"p{i}" for i in range(7)])
+    assert many.status == "True" and "7 running pod(s)" in many.message and "and 2 more" in many.message

@@ -13,13 +13,14 @@ which the reconciler also hands to kopf so both talk to the same server.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
 from kubernetes.aio import client as kube
 from kubernetes.aio import config as kube_config
+from kubernetes.aio import watch as kube_watch
 
 from . import GROUP, PLURAL, VERSION
 
@@ -218,13 +219,46 @@ class KubeApi:
 
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every LLMRoutePolicy the credentials may list, in all namespaces."""
+        return (await self.list_policies_at())[0]
+
+    async def list_policies_at(self, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every LLMRoutePolicy, read `page_size` at a time, and the list's resourceVersion (to watch from)."""
+        policies: list[dict[str, Any]] = []
+        version, token = "", None
+        while True:
+            paging: dict[str, Any] = {"limit": page_size, **({"_continue": token} if token else {})}
+            try:
+                with _transport_errors():
+                    found = await self._custom.list_cluster_custom_object(
+                        GROUP, VERSION, PLURAL, **paging, **self._list_timeout
+                    )
+            except kube.ApiException as exc:
+                raise _error(exc) from None
+            if not isinstance(found, Mapping):
+                break
+            policies += [dict(item) for item in found.get("items") or [] if isinstance(item, Mapping)]
+            metadata = found.get("metadata") or {}
+            version, token = str(metadata.get("resourceVersion") or version), metadata.get("continue")
+            if not token:
+                break
+        return policies, version
+
+    async def watch_policies(self, resource_version: str, timeout: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(event type, policy) from `resource_version` on, for up to `timeout` seconds. A version too old
+        to watch from raises `KubeApiError` 410 (list again)."""
+        watcher = kube_watch.Watch()  # type: ignore[no-untyped-call]
         try:
             with _transport_errors():
-                found = await self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **self._list_timeout)
+                async with watcher.stream(  # type: ignore[no-untyped-call]
+                    self._custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                    resource_version=resource_version, timeout_seconds=timeout, _request_timeout=timeout + 30,
+                ) as stream:  # fmt: skip
+                    async for event in stream:
+                        kind, body = event.get("type"), event.get("raw_object")
+                        if isinstance(kind, str) and isinstance(body, Mapping):
+                            yield kind, dict(body)
         except kube.ApiException as exc:
             raise _error(exc) from None
-        items = found.get("items") if isinstance(found, Mapping) else None
-        return [dict(item) for item in items or [] if isinstance(item, Mapping)]
 
 
 def _raise_unless_missing(exc: kube.ApiException) -> None:

@@ -47,6 +47,7 @@ from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
 from . import LAST_GOOD_ANNOTATION
+from .informer import PolicyInformer
 from .injection import (
     SidecarSource,
     host_network_skip,
@@ -99,6 +100,7 @@ class PolicyCache:
     """
 
     def __init__(self, source: PolicySource, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
         self._source = source
         self._ttl = ttl
         self._clock = clock
@@ -328,6 +330,9 @@ async def _ok(request: web.Request) -> web.Response:
 async def _ready(request: web.Request) -> web.Response:
     if request.app[DRAINING_KEY].started:
         return web.Response(status=503, text="draining\n")
+    synced = getattr(request.app[CACHE_KEY].source, "synced", None)
+    if isinstance(synced, asyncio.Event) and not synced.is_set():
+        return web.Response(status=503, text="policy cache not filled yet\n")
     return web.Response(text="ok\n")
 
 
@@ -335,7 +340,8 @@ def build_webhook_app(settings: Settings, source: PolicySource) -> web.Applicati
     """The admission app: `POST /mutate-pods`, `GET /healthz`, `GET /readyz`."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS_KEY] = settings
-    app[CACHE_KEY] = PolicyCache(source, settings.policy_cache_ttl)
+    # An informer is already a cache kept current by a watch: a TTL on top would only delay edits.
+    app[CACHE_KEY] = PolicyCache(source, 0 if isinstance(source, PolicyInformer) else settings.policy_cache_ttl)
     app[DRAINING_KEY] = Draining()
     app[LAG_KEY] = lag = LagReporter(source if isinstance(source, EventSink) else None, LAG_EVENT_INTERVAL)
 
@@ -560,8 +566,10 @@ async def _main(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     api = await connect_api()
+    informer = PolicyInformer(api)
     try:
-        await serve(settings, api, stop)
+        async with _background(informer.run()):
+            await serve(settings, informer, stop)
     finally:
         await api.close()
 

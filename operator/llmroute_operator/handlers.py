@@ -78,6 +78,9 @@ class OperatorMemo:
     """For reading the status relay (when `LLMROUTE_STATUS_RELAY` is set), for the Shedding column."""
     refresher: asyncio.Task[None] | None = None
     resyncer: asyncio.Task[None] | None = None
+    waiting: set[tuple[str, str]] = field(default_factory=set)
+    """Policies whose MissingSecret is True, as last reconciled: re-checked every `secret_recheck_interval`
+    (one GET each) without listing every policy that often. Shared by kopf's per-policy memo copies."""
 
     def api(self) -> KubeApi:
         if self.kube is None:
@@ -136,6 +139,7 @@ async def reconcile_policy(
 ) -> None:
     """Policy -> ConfigMap + status."""
     await _reconcile(body, patch, memo.api(), logger, memo.settings, retry)
+    _track(memo.waiting, body, patch.status)
 
 
 def _served(body: Mapping[str, Any], settings: Settings) -> bool:
@@ -148,10 +152,22 @@ def _changed(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
     return any(previous.get(key) != value for key, value in status.items() if value is not None or key in previous)
 
 
-async def resync_once(kube: KubeApi, settings: Settings, *, configmaps: bool) -> list[str]:
-    """One pass over every policy: reconcile again those waiting for a Secret (MissingSecret), and, with
-    `configmaps`, those whose ConfigMap was deleted or edited behind the operator's back (one list of the
-    operator's ConfigMaps). Returns the `namespace/name` of the policies reconciled.
+def _track(waiting: set[tuple[str, str]], body: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    metadata = body.get("metadata") or {}
+    key = (str(metadata.get("namespace")), str(metadata.get("name")))
+    if condition_is_true(status, MISSING_SECRET):
+        waiting.add(key)
+    else:
+        waiting.discard(key)
+
+
+async def resync_once(
+    kube: KubeApi, settings: Settings, *, configmaps: bool, waiting: set[tuple[str, str]] | None = None
+) -> list[str]:
+    """Reconcile again the policies waiting for a Secret (MissingSecret): those in `waiting`, read one by
+    one, or, with `configmaps`, every policy (one paginated list), together with those whose ConfigMap was
+    deleted or edited behind the operator's back (one list of the operator's ConfigMaps). Returns the
+    `namespace/name` of the policies reconciled.
 
     Only policies whose current spec is rendered (Ready, configHash of this spec) have their ConfigMap
     restored: any other is kopf's to handle on its next change, and an invalid one keeps what is there."""
@@ -162,7 +178,10 @@ async def resync_once(kube: KubeApi, settings: Settings, *, configmaps: bool) ->
             for cm in await kube.list_configmaps(MANAGED_SELECTOR)
             if (cm.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/managed-by") == "llmroute-operator"
         }
-    policies = await kube.list_policies()
+    if configmaps or waiting is None:
+        policies = await kube.list_policies()
+    else:
+        policies = [body for key in sorted(waiting) if (body := await kube.read_policy(*key)) is not None]
     touched = []
     for body in policies:
         if not _served(body, settings):
@@ -183,6 +202,8 @@ async def resync_once(kube: KubeApi, settings: Settings, *, configmaps: bool) ->
         if not due:
             continue
         outcome = await reconcile_body(body, kube, settings)
+        if waiting is not None:
+            _track(waiting, body, outcome.status)
         if _changed(status, outcome.status):
             await kube.patch_policy_status(namespace, name, outcome.status)
         now = datetime.datetime.now(datetime.UTC)
@@ -234,10 +255,12 @@ async def report_uninjected(kube: KubeApi, settings: Settings, policies: list[di
 
 
 async def keep_in_sync(memo: OperatorMemo, logger: logging.Logger) -> None:
-    """`resync_once` every `secret_recheck_interval` seconds, with the ConfigMap check every
-    `configmap_resync_interval`. A plain task rather than a kopf timer: kopf holds a finalizer on every
-    object a timer serves, and a policy (and its namespace) must stay deletable while the operator is
-    uninstalled. API failures are logged when they change, and retried at the next pass."""
+    """`resync_once` every `secret_recheck_interval` seconds (a GET per policy waiting for a Secret), with
+    the full pass (one list of policies, one of ConfigMaps, pods) every `configmap_resync_interval`.
+
+    A plain task rather than a kopf timer: kopf holds a finalizer on every object a timer serves, and a
+    policy (and its namespace) must stay deletable while the operator is uninstalled. API failures are
+    logged when they change, and retried at the next pass."""
     settings = memo.settings
     last_configmap_check = -math.inf
     reported: str | None = None
@@ -245,7 +268,7 @@ async def keep_in_sync(memo: OperatorMemo, logger: logging.Logger) -> None:
         await asyncio.sleep(settings.secret_recheck_interval)
         check_configmaps = time.monotonic() - last_configmap_check >= settings.configmap_resync_interval
         try:
-            touched = await resync_once(memo.api(), settings, configmaps=check_configmaps)
+            touched = await resync_once(memo.api(), settings, configmaps=check_configmaps, waiting=memo.waiting)
         except KubeApiError as exc:
             if str(exc) != reported:
                 logger.warning("resync failed, retried in %gs: %s", settings.secret_recheck_interval, exc)

@@ -438,3 +438,24 @@ async def test_opted_in_pods_running_without_the_sidecar_are_reported(kube: Kube
         lambda: condition(kube, "support-bot", "UninjectedPods")["status"] == "False",  # type: ignore[index]
         what="UninjectedPods to clear",
     )
+
+
+async def test_a_found_secret_clears_missing_secret_between_full_passes(kube: KubeEmulator) -> None:
+    """Between the (rare) full passes, only the policies waiting for a Secret are read, one GET each."""
+    async with running_operator(kube, Settings(secret_recheck_interval=0.3, configmap_resync_interval=3600)):
+        await apply(kube, POLICY_URL, policy_body())
+        await eventually(
+            lambda: (c := condition(kube, "support-bot", "MissingSecret")) and c["status"] == "True",
+            what="MissingSecret",
+        )
+        await apply(kube, SECRET_URL, secret_body())
+        await eventually(
+            lambda: condition(kube, "support-bot", "MissingSecret")["status"] == "False",  # type: ignore[index]
+            what="MissingSecret to clear",
+        )
+    lists = [
+        r
+        for r in kube._requests  # every request kmock served
+        if r.resource == POLICIES and not r.name and str(r.method).endswith("GET") and "watch" not in r.params
+    ]
+    assert len(lists) <= 2, "one full pass at start (kopf's own list aside), not one per recheck"

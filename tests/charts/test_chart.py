@@ -347,22 +347,42 @@ def test_self_signed_tls_ca_bundle_signed_the_serving_certificate() -> None:
     assert b"PRIVATE KEY" in base64.b64decode(secret["data"]["tls.key"])
 
 
-def test_cert_manager_issues_the_certificate_and_injects_the_ca() -> None:
+def _hours(duration: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert match and duration, duration
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours + minutes / 60 + seconds / 3600
+
+
+def test_cert_manager_issues_the_certificate_from_a_ca_that_outlives_it() -> None:
+    """Self-signed Issuer -> 10-year CA Certificate -> CA Issuer -> serving Certificate, renewed well before
+    expiry; the injected caBundle (the leaf Secret's ca.crt: the CA) survives every leaf renewal."""
     manifests = render(*VARIANTS["cert-manager"])
     assert not [m for m in manifests if m["kind"] == "Secret"]
-    certificate = only(manifests, "Certificate")
-    issuer = only(manifests, "Issuer")
-    assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
-    assert certificate["spec"]["secretName"] == f"{RELEASE}-webhook-tls"
-    assert f"{RELEASE}-webhook.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    issuers = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "Issuer"}
+    certificates = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "Certificate"}
+    assert issuers == {
+        f"{RELEASE}-selfsigned": {"selfSigned": {}},
+        f"{RELEASE}-ca": {"ca": {"secretName": f"{RELEASE}-webhook-ca"}},
+    }
+    ca, leaf = certificates[f"{RELEASE}-webhook-ca"], certificates[f"{RELEASE}-webhook"]
+    assert ca["isCA"] is True and ca["secretName"] == f"{RELEASE}-webhook-ca"
+    assert ca["issuerRef"] == {"kind": "Issuer", "name": f"{RELEASE}-selfsigned"}
+    assert leaf["issuerRef"] == {"kind": "Issuer", "name": f"{RELEASE}-ca"}
+    assert not leaf.get("isCA")
+    assert leaf["secretName"] == f"{RELEASE}-webhook-tls"
+    assert f"{RELEASE}-webhook.{NAMESPACE}.svc" in leaf["dnsNames"]
+    assert _hours(ca["duration"]) >= 10 * _hours(leaf["duration"])  # the CA outlives many leaves
+    assert 0 < _hours(leaf["renewBefore"]) < _hours(leaf["duration"])  # rotated before it expires
     configuration = only(manifests, "MutatingWebhookConfiguration")
-    assert configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
-        f"{NAMESPACE}/{certificate['metadata']['name']}"
+    assert (
+        configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/{RELEASE}-webhook"
     )
     assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
 
     external = render(*VARIANTS["cert-manager-issuer"])
     assert not [m for m in external if m["kind"] == "Issuer"]
+    assert [m["metadata"]["name"] for m in external if m["kind"] == "Certificate"] == [f"{RELEASE}-webhook"]
     assert only(external, "Certificate")["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca"}
 
 
@@ -453,7 +473,7 @@ def test_rbac_is_least_privilege() -> None:
     }
     assert all("resourceNames" not in rule for rule in roles["llmroute-operator"])
     assert granted["llmroute-webhook"] == {
-        ("llmroute.dev", "llmroutepolicies"): {"get", "list"},
+        ("llmroute.dev", "llmroutepolicies"): {"list", "watch"},  # the informer: no read per admission
         ("", "events"): {"create"},  # InjectedLastGoodConfig
     }
     # Aggregated into Kubernetes' own view/edit/admin roles, bound to nobody by the chart.
@@ -504,8 +524,9 @@ CLIENT_RESOURCES = {
 }
 
 
-def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
-    """(group, resource) -> verbs that the named operator modules call through KubeApi (kubeapi.py)."""
+def _code_grants(*modules: str, served_elsewhere: frozenset[str] = frozenset()) -> dict[tuple[str, str], set[str]]:
+    """(group, resource) -> verbs that the named operator modules call through KubeApi (kubeapi.py);
+    calls named in `served_elsewhere` are left out (answered by something else in production)."""
     import ast
 
     from llmroute_operator import GROUP, PLURAL
@@ -523,11 +544,17 @@ def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
                 assert match and match.group(1) in CLIENT_VERBS, node.attr
                 custom = {"custom_object": (GROUP, PLURAL), "custom_object_status": (GROUP, f"{PLURAL}/status")}
                 resource = custom.get(match.group(2)) or CLIENT_RESOURCES[match.group(2)]
-                calls[method.name].add((resource, CLIENT_VERBS[match.group(1)]))
+                verb = CLIENT_VERBS[match.group(1)]
+                calls[method.name].add((resource, "watch" if method.name.startswith("watch_") else verb))
     grants: dict[tuple[str, str], set[str]] = {}
     for module in modules:
         for node in ast.walk(ast.parse((source / module).read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in calls
+                and node.func.attr not in served_elsewhere
+            ):
                 for resource, verb in calls[node.func.attr]:
                     grants.setdefault(resource, set()).add(verb)
     return grants
@@ -566,7 +593,12 @@ def test_rbac_is_exactly_what_the_code_calls() -> None:
     for key, verbs in _code_grants("handlers.py", "reconcile.py").items():
         operator.setdefault(key, set()).update(verbs)
     assert granted("llmroute-operator") == operator
-    assert granted("llmroute-webhook") == _code_grants("webhooks.py")
+    # The webhook's PolicySource is the informer in production (webhooks._main): its read_policy and
+    # list_policies answer from memory; only the informer's list and watch reach the API.
+    policy_source = frozenset({"read_policy", "list_policies"})
+    assert granted("llmroute-webhook") == _code_grants("webhooks.py", served_elsewhere=policy_source) | _code_grants(
+        "informer.py"
+    )
 
 
 def test_one_operator_replica_runs_standalone_and_is_recreated() -> None:

@@ -15,9 +15,9 @@ into its ConfigMap gets the last good config, the one the ConfigMap holds (`stat
 policy: an edit the operator refuses, or any edit while the operator is down, never blocks scale-ups,
 evictions or drains. A pod naming a missing policy, one that never had a good config, or using one of
 the sidecar's volume names, is refused, or admitted without the sidecar, per
-`LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all
-(API down or slower than `API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the
-webhook's `failurePolicy` from the chart.
+`LLMROUTE_UNKNOWN_POLICY`. Policies are read from memory (`informer.PolicyInformer`, a list and a
+watch); while that cache is not filled (or, with a direct source, the API is down or slower than
+`API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the webhook's `failurePolicy`.
 
 The TLS certificate is re-read when its files change (cert-manager rotates it in the mounted Secret).
 """
@@ -336,14 +336,17 @@ async def _ready(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-def build_webhook_app(settings: Settings, source: PolicySource) -> web.Application:
+def build_webhook_app(
+    settings: Settings, source: PolicySource, events: EventSink | None = None
+) -> web.Application:
     """The admission app: `POST /mutate-pods`, `GET /healthz`, `GET /readyz`."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS_KEY] = settings
     # An informer is already a cache kept current by a watch: a TTL on top would only delay edits.
     app[CACHE_KEY] = PolicyCache(source, 0 if isinstance(source, PolicyInformer) else settings.policy_cache_ttl)
     app[DRAINING_KEY] = Draining()
-    app[LAG_KEY] = lag = LagReporter(source if isinstance(source, EventSink) else None, LAG_EVENT_INTERVAL)
+    sink = events if events is not None else source if isinstance(source, EventSink) else None
+    app[LAG_KEY] = lag = LagReporter(sink, LAG_EVENT_INTERVAL)
 
     async def close_reporter(_: web.Application) -> None:
         await lag.close()
@@ -518,7 +521,12 @@ async def keep_tls_fresh(tls: WebhookTls, interval: float) -> None:
 
 
 async def serve(
-    settings: Settings, source: PolicySource, stop: asyncio.Event, *, tls_reload_interval: float = TLS_RELOAD_INTERVAL
+    settings: Settings,
+    source: PolicySource,
+    stop: asyncio.Event,
+    *,
+    tls_reload_interval: float = TLS_RELOAD_INTERVAL,
+    events: EventSink | None = None,
 ) -> None:
     """Run both listeners until `stop` is set, then drain: `/readyz` fails at once, the listeners keep
     serving for `settings.shutdown_delay` (the API server and kube-proxy see the pod go unready), then
@@ -534,7 +542,7 @@ async def serve(
         relay_board(settings, source) as board,
         _background(None if tls is None else keep_tls_fresh(tls, tls_reload_interval)),
     ):
-        admission = build_webhook_app(settings, source)
+        admission = build_webhook_app(settings, source, events)
         try:
             for app, port, ssl_context in (
                 (admission, settings.webhook_port, context),
@@ -569,7 +577,7 @@ async def _main(settings: Settings) -> None:
     informer = PolicyInformer(api)
     try:
         async with _background(informer.run()):
-            await serve(settings, informer, stop)
+            await serve(settings, informer, stop, events=api)
     finally:
         await api.close()
 

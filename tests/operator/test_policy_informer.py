@@ -20,7 +20,7 @@ from llmroute_operator.informer import PolicyInformer
 from llmroute_operator.kubeapi import KubeApi, KubeApiError
 from llmroute_operator.webhooks import build_webhook_app
 
-from .conftest import POLICIES, POLICY_URL, eventually, policy_body
+from .conftest import EVENTS, POLICIES, POLICY_URL, eventually, policy_body
 from .kube_emulator import KubeEmulator
 from .test_webhook_http import SETTINGS, a_pod, admit, ready_status, review, set_status
 
@@ -125,3 +125,43 @@ async def test_an_unfilled_cache_is_unready_and_admission_fails_to_the_failure_p
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await unreachable.close()
+
+
+async def test_last_good_events_are_written_through_the_api_when_policies_come_from_the_cache(
+    kube: KubeEmulator, informer: PolicyInformer
+) -> None:
+    """In production the policy source (the cache) cannot write: the Event goes through the API client."""
+    body = policy_body()
+    await create(kube, body)
+    await set_status(kube, "support-bot", ready_status(body))
+    headers = {"Content-Type": "application/merge-patch+json"}
+    edit = json.dumps({"spec": {"routes": [{**body["spec"]["routes"][0], "budget": "9s"}]}})
+    async with kube.patch(f"{POLICY_URL}/support-bot", data=edit, headers=headers) as answer:
+        assert answer.status == 200
+    runner = web.AppRunner(build_webhook_app(SETTINGS, informer, events=informer._api))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        await eventually(
+            lambda: (
+                (informer._policies.get(("apps", "support-bot")) or {})
+                .get("spec", {})
+                .get("routes", [{}])[0]
+                .get("budget")
+                == "9s"
+            ),
+            what="the edit in the cache",
+        )
+        response = await admit(url, review(a_pod()))
+        assert "last good config" in response["warnings"][0]
+        await eventually(
+            lambda: [
+                o.raw for (res, _, _), o in kube.objects.items()
+                if res == EVENTS and o.raw.get("reason") == "InjectedLastGoodConfig"
+            ],
+            what="the Event",
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()

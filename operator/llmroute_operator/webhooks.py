@@ -101,7 +101,7 @@ class PolicyCache:
 
     def __init__(self, source: PolicySource, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source
-        self._source = source
+        """Where policies are read (readiness asks it whether it is `synced`, when it can tell)."""
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
@@ -123,7 +123,7 @@ class PolicyCache:
 
     async def _read(self, key: tuple[str, str]) -> dict[str, Any] | None:
         try:
-            found = await self._source.read_policy(*key)
+            found = await self.source.read_policy(*key)
         finally:
             self._reading.pop(key, None)
         self._entries.pop(key, None)  # re-inserted last: the oldest entry is the first evicted

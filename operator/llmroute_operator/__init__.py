@@ -21,3 +21,16 @@ INJECTED_ANNOTATION = f"{GROUP}/injected"
 """Written by the webhook: `<policy>@<configHash>`; its presence makes re-admission a no-op."""
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 """On the rendered ConfigMap: the configHash of the policy it was rendered from."""
+LAST_GOOD_ANNOTATION = f"{GROUP}/last-good-config"
+"""Written by the webhook on a pod injected with the policy's last good config instead of its current
+spec (invalid, or not yet rendered): why."""
+HOST_NETWORK_ANNOTATION = f"{GROUP}/inject-host-network"
+"""On a pod with `hostNetwork: true`: `"true"` asks for the sidecar anyway (it then listens on the node's
+loopback, shared with every host-network pod and process of the node); otherwise such pods are skipped."""
+RESOURCE_ANNOTATIONS = {
+    f"{GROUP}/sidecar-cpu-request": ("requests", "cpu"),
+    f"{GROUP}/sidecar-memory-request": ("requests", "memory"),
+    f"{GROUP}/sidecar-cpu-limit": ("limits", "cpu"),
+    f"{GROUP}/sidecar-memory-limit": ("limits", "memory"),
+}
+"""On a pod: a Kubernetes quantity overriding one of the injected sidecar's resources."""

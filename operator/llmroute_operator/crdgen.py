@@ -186,6 +186,16 @@ RULES: dict[str, list[Schema]] = {
             "fieldPath": ".initial",
         }
     ],
+    "Provider": [
+        {
+            "rule": (
+                "!has(self.baseURL) || self.baseURL.startsWith('https://') || "
+                "(self.baseURL.startsWith('http://') && has(self.allowPlainHTTP) && self.allowPlainHTTP)"
+            ),
+            "message": "baseURL must be https:// (plain http:// only with allowPlainHTTP: true)",
+            "fieldPath": ".baseURL",
+        }
+    ],
     "ApiKey": [
         {
             "rule": "(has(self.env) || has(self.file)) != has(self.secretKeyRef)",
@@ -454,6 +464,23 @@ def status_schema() -> Schema:
             "configHash": {
                 "type": "string",
                 "description": "Digest of the effective spec; injected pods carry it in their annotation.",
+            },
+            "secretKeyRefs": {
+                "type": "array",
+                "maxItems": 64,
+                "description": (
+                    "The Secret key of each provider in the config the ConfigMap holds (configHash): what the "
+                    "webhook injects while a newer spec is invalid or not yet rendered."
+                ),
+                "items": {
+                    "type": "object",
+                    "required": ["provider", "name", "key"],
+                    "properties": {
+                        "provider": {"type": "string", "maxLength": 63, "description": "The provider's name."},
+                        "name": {"type": "string", "maxLength": 253, "description": "The Secret's name."},
+                        "key": {"type": "string", "maxLength": 253, "description": "The key in that Secret."},
+                    },
+                },
             },
             "routes": {
                 "type": "array",

@@ -13,13 +13,14 @@ which the reconciler also hands to kopf so both talk to the same server.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
 from kubernetes.aio import client as kube
 from kubernetes.aio import config as kube_config
+from kubernetes.aio import watch as kube_watch
 
 from . import GROUP, PLURAL, VERSION
 
@@ -138,6 +139,42 @@ class KubeApi:
             raise _error(exc) from None
         return self._plain(result)
 
+    async def list_configmaps(self, label_selector: str) -> list[dict[str, Any]]:
+        """ConfigMaps of every namespace matching `label_selector`."""
+        try:
+            with _transport_errors():
+                found = await self._core.list_config_map_for_all_namespaces(
+                    label_selector=label_selector, **self._list_timeout
+                )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [self._plain(item) for item in found.items or []]
+
+    async def list_pods(self, *, label_selector: str = "", namespace: str | None = None) -> list[dict[str, Any]]:
+        """Pods matching `label_selector`, in `namespace` or in all namespaces."""
+        try:
+            with _transport_errors():
+                if namespace is None:
+                    found = await self._core.list_pod_for_all_namespaces(
+                        label_selector=label_selector, **self._list_timeout
+                    )
+                else:
+                    found = await self._core.list_namespaced_pod(
+                        namespace, label_selector=label_selector, **self._list_timeout
+                    )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [self._plain(item) for item in found.items or []]
+
+    async def list_namespace_names(self, label_selector: str) -> list[str]:
+        """Names of the namespaces matching `label_selector`."""
+        try:
+            with _transport_errors():
+                found = await self._core.list_namespace(label_selector=label_selector, **self._list_timeout)
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return [str(item.metadata.name) for item in found.items or [] if item.metadata and item.metadata.name]
+
     async def read_secret_keys(self, namespace: str, name: str) -> list[str] | None:
         """The key names a Secret holds (never the values), or None when there is no such Secret."""
         try:
@@ -170,15 +207,58 @@ class KubeApi:
         except kube.ApiException as exc:
             _raise_unless_missing(exc)
 
-    async def list_policies(self) -> list[dict[str, Any]]:
-        """Every LLMRoutePolicy the credentials may list, in all namespaces."""
+    async def create_event(self, namespace: str, event: Mapping[str, Any]) -> None:
+        """Record a core/v1 Event (given as the plain manifest)."""
         try:
+            body = kube.CoreV1Event.from_dict(dict(event))
+            assert body is not None
             with _transport_errors():
-                found = await self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **self._list_timeout)
+                await self._core.create_namespaced_event(namespace, body, **self._timeout)
         except kube.ApiException as exc:
             raise _error(exc) from None
-        items = found.get("items") if isinstance(found, Mapping) else None
-        return [dict(item) for item in items or [] if isinstance(item, Mapping)]
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        """Every LLMRoutePolicy the credentials may list, in all namespaces."""
+        return (await self.list_policies_at())[0]
+
+    async def list_policies_at(self, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every LLMRoutePolicy, read `page_size` at a time, and the list's resourceVersion (to watch from)."""
+        policies: list[dict[str, Any]] = []
+        version, token = "", None
+        while True:
+            paging: dict[str, Any] = {"limit": page_size, **({"_continue": token} if token else {})}
+            try:
+                with _transport_errors():
+                    found = await self._custom.list_cluster_custom_object(
+                        GROUP, VERSION, PLURAL, **paging, **self._list_timeout
+                    )
+            except kube.ApiException as exc:
+                raise _error(exc) from None
+            if not isinstance(found, Mapping):
+                break
+            policies += [dict(item) for item in found.get("items") or [] if isinstance(item, Mapping)]
+            metadata = found.get("metadata") or {}
+            version, token = str(metadata.get("resourceVersion") or version), metadata.get("continue")
+            if not token:
+                break
+        return policies, version
+
+    async def watch_policies(self, resource_version: str, timeout: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(event type, policy) from `resource_version` on, for up to `timeout` seconds. A version too old
+        to watch from raises `KubeApiError` 410 (list again)."""
+        watcher = kube_watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            with _transport_errors():
+                async with watcher.stream(  # type: ignore[no-untyped-call]
+                    self._custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                    resource_version=resource_version, timeout_seconds=timeout, _request_timeout=timeout + 30,
+                ) as stream:  # fmt: skip
+                    async for event in stream:
+                        kind, body = event.get("type"), event.get("raw_object")
+                        if isinstance(kind, str) and isinstance(body, Mapping):
+                            yield kind, dict(body)
+        except kube.ApiException as exc:
+            raise _error(exc) from None
 
 
 def _raise_unless_missing(exc: kube.ApiException) -> None:

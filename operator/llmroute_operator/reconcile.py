@@ -17,24 +17,46 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from llmroute_sidecar.policy import SANE_BUDGET, LoadedPolicy, PolicyError, load_policy, render_sidecar_config
+from llmroute_sidecar.policy import (
+    API_VERSION,
+    KIND,
+    SANE_BUDGET,
+    LoadedPolicy,
+    PolicyError,
+    load_policy,
+    render_sidecar_config,
+)
 from llmroute_sidecar.statuspages import page_key
 from llmroute_sidecar.statuspolling import RelayEntry
 
-from . import CONFIG_HASH_ANNOTATION, POLICY_ANNOTATION
+from . import (
+    CONFIG_HASH_ANNOTATION,
+    HOST_NETWORK_ANNOTATION,
+    INJECT_ANNOTATION,
+    INJECTED_ANNOTATION,
+    POLICY_ANNOTATION,
+)
+from .settings import DEFAULT_PROVIDER_HOSTS
 
 CONFIG_KEY = "policy.json"
 MANAGED_BY_LABELS = {
     "app.kubernetes.io/managed-by": "llmroute-operator",
     "app.kubernetes.io/part-of": "llmroute",
 }
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=llmroute-operator"
+"""Label selector of the ConfigMaps the operator writes."""
 
 READY = "Ready"
 HOT_HOT_ROUTING = "HotHotRouting"
 BUDGET_OUT_OF_RANGE = "BudgetOutOfRange"
 MISSING_SECRET = "MissingSecret"
-CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET)
+SERVING_LAST_GOOD = "ServingLastGood"
+"""Abnormal-true: pods get the last good config (the ConfigMap), not the current spec."""
+UNINJECTED_PODS = "UninjectedPods"
+"""Abnormal-true: pods that opted in to this policy run without the sidecar."""
+CONDITION_TYPES = (READY, HOT_HOT_ROUTING, BUDGET_OUT_OF_RANGE, MISSING_SECRET, SERVING_LAST_GOOD, UNINJECTED_PODS)
 
 
 def configmap_name(policy_name: str) -> str:
@@ -47,10 +69,27 @@ def render_config(policy: LoadedPolicy) -> str:
     return json.dumps(render_sidecar_config(policy), indent=2, sort_keys=True) + "\n"
 
 
-def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
-    """`load_policy`, plus what only a cluster forbids: keys from anywhere but a Secret. `apiKey.env` and
-    `apiKey.file` are for standalone sidecars; in a pod they would let whoever edits a policy send the
-    sidecar's environment or any file it can read (its service-account token) to a `baseURL` of theirs."""
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """`host` is one of `allowed`, or a subdomain of an `*.example.com` entry (not the bare domain)."""
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1):
+            return True
+    return False
+
+
+def load_cluster_policy(
+    policy_body: Mapping[str, Any], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> LoadedPolicy:
+    """`load_policy`, plus what only a cluster forbids, because whoever may edit a policy could otherwise
+    send the live key (sidecars hot-reload the policy) somewhere of theirs:
+
+    - keys from anywhere but a Secret: `apiKey.env`/`apiKey.file` would hand the sidecar's environment or
+      any file it can read (its service-account token) to a `baseURL`;
+    - a `baseURL` host not on the operator's allowlist (`provider_hosts`);
+    - a plain-http `baseURL` without `allowPlainHTTP`, loopback included (another container of the pod
+      could listen there)."""
     policy = load_policy(policy_body)
     problems = [
         f"spec.providers[{index}].apiKey: in a cluster keys come from secretKeyRef (env and file are for "
@@ -58,6 +97,19 @@ def load_cluster_policy(policy_body: Mapping[str, Any]) -> LoadedPolicy:
         for index, provider in enumerate(policy.spec.providers)
         if provider.api_key is not None and provider.api_key.secret_key_ref is None
     ]
+    for index, provider in enumerate(policy.spec.providers):
+        url = urlsplit(provider.effective_base_url)
+        host = url.hostname or ""
+        if not host_allowed(host, provider_hosts):
+            problems.append(
+                f'spec.providers[{index}].baseURL: host "{host}" is not on the operator\'s allowlist of provider '
+                f"hosts ({', '.join(provider_hosts)}); a cluster admin can add it (chart value operator.providerHosts)"
+            )
+        elif url.scheme == "http" and not provider.allow_plain_http:
+            problems.append(
+                f"spec.providers[{index}].baseURL: plain http needs allowPlainHTTP: true in a cluster (the key "
+                "would travel unencrypted)"
+            )
     if problems:
         raise PolicyError(problems)
     return policy
@@ -76,12 +128,14 @@ def shedding_providers(policy: LoadedPolicy, pages: Mapping[str, RelayEntry]) ->
     return shedding
 
 
-def build_configmap(policy_body: Mapping[str, Any]) -> dict[str, Any]:
+def build_configmap(
+    policy_body: Mapping[str, Any], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> dict[str, Any]:
     """The ConfigMap for a policy manifest; raises `PolicyError` when the policy is invalid.
 
     The owner reference is left to the caller (`kopf.adopt`), which also copies the namespace.
     """
-    policy = load_cluster_policy(policy_body)
+    policy = load_cluster_policy(policy_body, provider_hosts)
     metadata = policy_body.get("metadata") or {}
     name = str(metadata.get("name") or policy.name)
     configmap_metadata: dict[str, Any] = {
@@ -139,6 +193,16 @@ def configmap_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> 
     return patch or None
 
 
+def secret_key_refs(policy: LoadedPolicy) -> list[dict[str, str]]:
+    """`status.secretKeyRefs`: each provider's Secret key, recorded with the configHash it was rendered
+    with, so the webhook can inject this version while a later spec is invalid or not yet rendered."""
+    return [
+        {"provider": provider.name, "name": ref.name, "key": ref.key}
+        for provider in policy.spec.providers
+        if provider.api_key is not None and (ref := provider.api_key.secret_key_ref) is not None
+    ]
+
+
 def referenced_secrets(policy: LoadedPolicy) -> list[tuple[str, str]]:
     """`(secret name, key)` pairs the policy's providers read their API keys from, deduplicated."""
     seen: dict[tuple[str, str], None] = {}
@@ -184,9 +248,9 @@ def _warning_lines(policy: LoadedPolicy, field: str) -> list[str]:
 
 
 def policy_conditions(
-    policy: LoadedPolicy, *, missing: Sequence[str], configmap: str, configmap_error: str | None = None
+    policy: LoadedPolicy, *, missing: Sequence[str] | None, configmap: str, configmap_error: str | None = None
 ) -> list[Condition]:
-    """The conditions of a valid policy."""
+    """The conditions of a valid policy (`missing` None: Secrets are not checked, MissingSecret is Unknown)."""
     routes = policy.spec.routes
     hot_hot = [route.name for route in routes if route.strategy == "hotHot"]
     odd_budgets = [route.name for route in routes if not SANE_BUDGET[0] <= route.budget <= SANE_BUDGET[1]]
@@ -215,7 +279,9 @@ def policy_conditions(
             "BudgetOutOfRange" if odd_budgets else "BudgetsInRange",
             "; ".join(_warning_lines(policy, "budget")) if odd_budgets else "every route's budget is within 4s..12s",
         ),
-        Condition(
+        Condition(MISSING_SECRET, "Unknown", "NotChecked", "the operator does not read Secrets (checkSecrets: false)")
+        if missing is None
+        else Condition(
             MISSING_SECRET,
             "True" if missing else "False",
             "SecretNotFound" if missing else "SecretsFound",
@@ -224,9 +290,22 @@ def policy_conditions(
     ]
 
 
-def invalid_conditions(error: PolicyError) -> list[Condition]:
-    """An invalid policy: Ready is False with the field paths; the other conditions keep their state."""
-    return [Condition(READY, "False", "InvalidPolicy", "; ".join(error.problems))]
+def invalid_conditions(error: PolicyError, previous: Mapping[str, Any] | None = None) -> list[Condition]:
+    """An invalid policy: Ready is False with the field paths; the other conditions keep their state.
+
+    When an earlier version was rendered into the ConfigMap (`previous` status has its configHash),
+    ServingLastGood says that new pods still get that version: the webhook injects the last good config."""
+    conditions = [Condition(READY, "False", "InvalidPolicy", "; ".join(error.problems))]
+    last_hash = (previous or {}).get("configHash")
+    if last_hash:
+        conditions.append(
+            Condition(
+                SERVING_LAST_GOOD, "True", "InvalidPolicy",
+                f"pods are injected with the last good config (configHash {last_hash}, ConfigMap "
+                f"{(previous or {}).get('configMap')}) until the spec is fixed",
+            )
+        )  # fmt: skip
+    return conditions
 
 
 def timestamp(now: datetime.datetime) -> str:
@@ -275,7 +354,7 @@ def build_status(
     generation: int | None,
     now: datetime.datetime,
     configmap: str,
-    missing: Sequence[str] = (),
+    missing: Sequence[str] | None = (),
     configmap_error: str | None = None,
 ) -> dict[str, Any]:
     """The status to merge into the policy.
@@ -286,12 +365,20 @@ def build_status(
     old_conditions = list((previous or {}).get("conditions") or [])
     status: dict[str, Any] = {}
     if isinstance(policy, PolicyError):
-        current = invalid_conditions(policy)
+        current = invalid_conditions(policy, previous)
     else:
         current = policy_conditions(policy, missing=missing, configmap=configmap, configmap_error=configmap_error)
         if configmap_error is None:
             status["configMap"] = configmap
             status["configHash"] = policy.config_hash
+            status["secretKeyRefs"] = secret_key_refs(policy)
+            current.append(
+                Condition(SERVING_LAST_GOOD, "False", "CurrentSpec", f"ConfigMap {configmap} holds the current spec")
+            )
+        else:
+            # Someone else's ConfigMap: nothing of ours to inject from (None: the merge patch removes them).
+            status["configHash"] = None
+            status["secretKeyRefs"] = None
         status["routes"] = [route.name for route in policy.spec.routes]
         status["warnings"] = list(policy.warnings)
     if generation is not None:
@@ -309,3 +396,65 @@ def condition_is_true(status: Mapping[str, Any] | None, condition_type: str) -> 
 def has_missing_secret(status: Mapping[str, Any], **_: Any) -> bool:
     """kopf `when=` filter: the policy waits for a Secret (re-checked until it appears)."""
     return condition_is_true(status, MISSING_SECRET)
+
+
+def policy_event(
+    policy_body: Mapping[str, Any], *, kind: str, reason: str, message: str, component: str, now: datetime.datetime
+) -> dict[str, Any]:
+    """A core/v1 Event about the policy (`kind`: Normal or Warning), as the API takes it."""
+    metadata = policy_body.get("metadata") or {}
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    involved: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "name": name, "namespace": namespace}
+    if metadata.get("uid"):
+        involved["uid"] = metadata["uid"]
+    stamp = timestamp(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": involved,
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
+def uninjected_pods(
+    pods: Iterable[Mapping[str, Any]], skip_namespaces: Iterable[str]
+) -> dict[tuple[str, str], list[str]]:
+    """(namespace, policy) -> names of the running pods that opted in to that policy but have no sidecar
+    (admitted while the webhook was unreachable, under failurePolicy Ignore: no keys, no base URLs)."""
+    skipped = set(skip_namespaces)
+    found: dict[tuple[str, str], list[str]] = {}
+    for pod in pods:
+        metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        annotations, labels = metadata.get("annotations") or {}, metadata.get("labels") or {}
+        policy = annotations.get(POLICY_ANNOTATION)
+        namespace = str(metadata.get("namespace"))
+        if not policy or namespace in skipped or INJECTED_ANNOTATION in annotations:
+            continue
+        if any(str(m.get(INJECT_ANNOTATION, "")).lower() == "false" for m in (annotations, labels)):
+            continue
+        if spec.get("hostNetwork") and str(annotations.get(HOST_NETWORK_ANNOTATION, "")).lower() != "true":
+            continue  # skipped by design
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or metadata.get("deletionTimestamp"):
+            continue
+        found.setdefault((namespace, str(policy)), []).append(str(metadata.get("name")))
+    return found
+
+
+def uninjected_condition(names: Sequence[str]) -> Condition:
+    """The UninjectedPods condition for the pods of one policy found without the sidecar."""
+    if not names:
+        return Condition(UNINJECTED_PODS, "False", "AllInjected", "every running pod that opted in has the sidecar")
+    shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return Condition(
+        UNINJECTED_PODS, "True", "PodsWithoutSidecar",
+        f"{len(names)} running pod(s) opted in but have no sidecar (admitted while the webhook was unreachable?): "
+        f"{shown}; delete them to have them recreated with it",
+    )  # fmt: skip

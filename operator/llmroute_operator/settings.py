@@ -12,8 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from llmroute_sidecar import __version__
+from llmroute_sidecar.policy import DEFAULT_BASE_URLS
 
 SIDECAR_PORT = 8787
 """The sidecar listens on loopback only: it holds the provider keys, so no other pod may reach it."""
@@ -25,10 +27,21 @@ SIDECAR_METRICS_PORT_NAME = "llmroute-metrics"
 POLICY_MOUNT_DIR = "/etc/llmroute"
 POLICY_FILE = f"{POLICY_MOUNT_DIR}/policy.json"
 
+DEFAULT_PROVIDER_HOSTS: tuple[str, ...] = tuple(
+    dict.fromkeys(urlsplit(url).hostname or "" for url in DEFAULT_BASE_URLS.values())
+)
+"""The vendors' API hosts: the only hosts a cluster policy may send keys to unless the operator's
+allowlist (`LLMROUTE_PROVIDER_HOSTS`, the chart's `operator.providerHosts`) adds more."""
+
+SIDECAR_HEALTH_PORT = 8788
+"""The sidecar's probe-only listener on the pod IP (`/healthz`, `/readyz`), for the kubelet's httpGet."""
+
 DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "50m", "memory": "64Mi"},
-    "limits": {"memory": "256Mi"},
+    "requests": {"cpu": "50m", "memory": "96Mi"},
+    "limits": {"memory": "384Mi"},
 }
+"""The request covers the measured RSS (68 MB after `make bench`); the limit leaves room above it for the
+sidecar's cap on buffered request bodies (`LLMROUTE_MAX_BUFFERED_BYTES`, 128 MiB) and their parsed copies."""
 
 
 class SettingsError(ValueError):
@@ -52,7 +65,20 @@ class Settings:
 
     secret_recheck_interval: float = 5.0
     """`LLMROUTE_SECRET_RECHECK_INTERVAL` (seconds): how often a policy whose Secrets are missing is
-    checked again, so the MissingSecret condition clears soon after the Secret appears."""
+    checked again, so the MissingSecret condition clears soon after the Secret appears (one list of
+    the policies per interval)."""
+
+    report_uninjected_pods: bool = True
+    """`LLMROUTE_REPORT_UNINJECTED_PODS` (`true`/`false`): at each ConfigMap resync, list the pods that opted
+    in (by label, or in a labelled namespace) and report those without the sidecar on their policy."""
+
+    configmap_resync_interval: float = 30.0
+    """`LLMROUTE_CONFIGMAP_RESYNC_INTERVAL` (seconds): how often the operator lists its ConfigMaps and
+    restores any that was deleted or edited behind its back."""
+
+    check_secrets: bool = True
+    """`LLMROUTE_CHECK_SECRETS` (`true`/`false`): read the Secrets a policy names (get, key names only) to
+    report MissingSecret; false when the operator is given no access to Secrets."""
 
     shedding_refresh_interval: float = 30.0
     """`LLMROUTE_SHEDDING_REFRESH_INTERVAL` (seconds): how often each policy's `status.sheddingProviders`
@@ -68,6 +94,13 @@ class Settings:
 
     webhook_port: int = 8443
     """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""
+
+    shutdown_delay: float = 5.0
+    """`LLMROUTE_SHUTDOWN_DELAY` (seconds): after SIGTERM the admission server answers `/readyz` with 503
+    and keeps serving this long, so the API server stops sending reviews to it before it closes."""
+
+    drain_timeout: float = 20.0
+    """`LLMROUTE_DRAIN_TIMEOUT` (seconds): how long reviews in flight when the listener closes may finish."""
 
     relay_port: int = 8080
     """`LLMROUTE_RELAY_PORT`: the status relay for sidecars (`GET /v1/statuspages`), plain HTTP."""
@@ -101,8 +134,17 @@ class Settings:
     sidecar_resources: dict[str, dict[str, str]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     """`LLMROUTE_SIDECAR_RESOURCES`, JSON: the sidecar container's `resources`."""
 
-    sidecar_user: int = 65532
-    """`LLMROUTE_SIDECAR_USER`: the numeric uid and gid the sidecar runs as (non-root)."""
+    sidecar_user: int | None = None
+    """`LLMROUTE_SIDECAR_USER`: a numeric uid and gid for the sidecar; unset: the image's own non-root
+    user (65532), or whatever the platform assigns (OpenShift's restricted SCC picks one per namespace)."""
+
+    sidecar_health_port: int = SIDECAR_HEALTH_PORT
+    """`LLMROUTE_SIDECAR_HEALTH_PORT`: the injected sidecar's probe-only listener on the pod IP."""
+
+    provider_hosts: tuple[str, ...] = DEFAULT_PROVIDER_HOSTS
+    """The hosts a policy's `baseURL` may name (`*.example.com` matches its subdomains); any other is
+    refused, so editing a policy cannot send a key elsewhere. The vendors' API hosts, plus
+    `LLMROUTE_PROVIDER_HOSTS` (comma-separated: the chart's `operator.providerHosts`)."""
 
     skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
     """`LLMROUTE_SKIP_NAMESPACES`, comma-separated: never injected, whatever the chart's selector."""
@@ -136,17 +178,23 @@ class Settings:
 
         names("LLMROUTE_NAMESPACES", "namespaces")
         names("LLMROUTE_SKIP_NAMESPACES", "skip_namespaces")
+        names("LLMROUTE_PROVIDER_HOSTS", "provider_hosts")
+        values["provider_hosts"] = tuple(dict.fromkeys((*DEFAULT_PROVIDER_HOSTS, *values.get("provider_hosts", ()))))
         values["peering"] = get("LLMROUTE_PEERING")
         number("LLMROUTE_HEALTH_PORT", "health_port", int)
         number("LLMROUTE_WEBHOOK_PORT", "webhook_port", int)
         number("LLMROUTE_METRICS_PORT", "metrics_port", int)
         number("LLMROUTE_SIDECAR_METRICS_PORT", "sidecar_metrics_port", int)
+        number("LLMROUTE_SHUTDOWN_DELAY", "shutdown_delay", float)
+        number("LLMROUTE_DRAIN_TIMEOUT", "drain_timeout", float)
         number("LLMROUTE_RELAY_PORT", "relay_port", int)
         number("LLMROUTE_SECRET_RECHECK_INTERVAL", "secret_recheck_interval", float)
+        number("LLMROUTE_CONFIGMAP_RESYNC_INTERVAL", "configmap_resync_interval", float)
         number("LLMROUTE_SHEDDING_REFRESH_INTERVAL", "shedding_refresh_interval", float)
         number("LLMROUTE_POLICY_CACHE_TTL", "policy_cache_ttl", float)
         number("LLMROUTE_RELAY_REFRESH_INTERVAL", "relay_refresh_interval", float)
         number("LLMROUTE_SIDECAR_USER", "sidecar_user", int)
+        number("LLMROUTE_SIDECAR_HEALTH_PORT", "sidecar_health_port", int)
         for name, key in (
             ("LLMROUTE_WEBHOOK_TLS_DIR", "webhook_tls_dir"),
             ("LLMROUTE_SIDECAR_IMAGE", "sidecar_image"),
@@ -155,6 +203,14 @@ class Settings:
         ):
             if (raw := get(name)) is not None:
                 values[key] = raw
+        for name, key in (
+            ("LLMROUTE_CHECK_SECRETS", "check_secrets"),
+            ("LLMROUTE_REPORT_UNINJECTED_PODS", "report_uninjected_pods"),
+        ):
+            if (flag := get(name)) is not None:
+                if flag.lower() not in ("true", "false"):
+                    raise SettingsError(f"{name}: expected true or false, got {flag!r}")
+                values[key] = flag.lower() == "true"
         unknown = get("LLMROUTE_UNKNOWN_POLICY")
         if unknown is not None:
             if unknown not in ("refuse", "allow"):

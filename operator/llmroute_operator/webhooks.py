@@ -9,11 +9,15 @@ reconciler, so pod creation never waits on a leader election. Two listeners in o
 - `LLMROUTE_RELAY_PORT` (8080, plain HTTP, cluster-internal): the sidecar's own status relay app
   (`GET /v1/statuspages`), fed by a `StatusBoard` configured with the providers of every policy.
 
-Decisions made once, here: a pod naming a missing, invalid or not yet Ready policy (its ConfigMap
-may not exist or may hold another version), or using one of the sidecar's volume names, is refused,
-or admitted without the sidecar, per `LLMROUTE_UNKNOWN_POLICY`; when the policy cannot be read at all
-(API down or slower than `API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the
-webhook's `failurePolicy` from the chart.
+Decisions made once, here: a pod naming a policy whose current spec is invalid or not yet rendered
+into its ConfigMap gets the last good config, the one the ConfigMap holds (`status.configHash` and
+`status.secretKeyRefs`), marked on the pod (`LAST_GOOD_ANNOTATION`) and reported as an Event on the
+policy: an edit the operator refuses, or any edit while the operator is down, never blocks scale-ups,
+evictions or drains. A pod naming a missing policy, one that never had a good config, or using one of
+the sidecar's volume names, is refused, or admitted without the sidecar, per
+`LLMROUTE_UNKNOWN_POLICY`. Policies are read from memory (`informer.PolicyInformer`, a list and a
+watch); while that cache is not filled (or, with a direct source, the API is down or slower than
+`API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the webhook's `failurePolicy`.
 
 The TLS certificate is re-read when its files change (cert-manager rotates it in the mounted Secret).
 """
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import logging
 import signal
@@ -32,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 import kopf
@@ -41,11 +46,22 @@ from aiohttp import web
 from llmroute_sidecar.policy import LoadedPolicy, PolicyError, Provider
 from llmroute_sidecar.reloading import Fingerprint, file_fingerprint
 
-from . import metrics
-from .injection import inject, injection_conflicts, json_patch, requested_policy
+from . import LAST_GOOD_ANNOTATION, metrics
+from .informer import PolicyInformer
+from .injection import (
+    SidecarSource,
+    host_network_skip,
+    inject,
+    injection_conflicts,
+    json_patch,
+    last_good_source,
+    requested_policy,
+    sidecar_ports,
+    sidecar_resources,
+)
 from .kubeapi import KubeApi, KubeApiError
-from .reconcile import READY, load_cluster_policy
-from .settings import Settings, SettingsError
+from .reconcile import READY, load_cluster_policy, policy_event
+from .settings import DEFAULT_PROVIDER_HOSTS, Settings, SettingsError
 
 if TYPE_CHECKING:
     from llmroute_sidecar.statusboard import StatusBoard
@@ -63,6 +79,8 @@ TLS_RELOAD_INTERVAL = 5.0
 """Seconds between checks of the TLS files for a rotated certificate."""
 RELAY_FIRST_RETRY = 1.0
 """Seconds before the relay retries a failed policy list; doubled per failure up to its interval."""
+LAG_EVENT_INTERVAL = 300.0
+"""Seconds between two Events about the same policy being injected with the same last good config."""
 
 
 class PolicySource(Protocol):
@@ -82,7 +100,8 @@ class PolicyCache:
     """
 
     def __init__(self, source: PolicySource, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._source = source
+        self.source = source
+        """Where policies are read (readiness asks it whether it is `synced`, when it can tell)."""
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
@@ -104,7 +123,7 @@ class PolicyCache:
 
     async def _read(self, key: tuple[str, str]) -> dict[str, Any] | None:
         try:
-            found = await self._source.read_policy(*key)
+            found = await self.source.read_policy(*key)
         finally:
             self._reading.pop(key, None)
         self._entries.pop(key, None)  # re-inserted last: the oldest entry is the first evicted
@@ -114,8 +133,76 @@ class PolicyCache:
         return found
 
 
+@runtime_checkable
+class EventSink(Protocol):
+    """Where the webhook records Events (the API in production)."""
+
+    async def create_event(self, namespace: str, event: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Lag:
+    """A pod was injected with the last good config of a policy whose current spec is not in its ConfigMap."""
+
+    namespace: str
+    policy: str
+    uid: str | None
+    config_hash: str
+    reason: str
+
+
+class LagReporter:
+    """Turns `Lag`s into Warning Events on the policy, at most one per policy, config and reason per
+    `interval`, written off the admission path (a failed write is logged, never retried)."""
+
+    def __init__(self, sink: EventSink | None, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._clock = clock
+        self._sent: dict[tuple[str, str, str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(self, lag: Lag) -> None:
+        key = (lag.namespace, lag.policy, lag.config_hash, lag.reason)
+        now = self._clock()
+        if self._sink is None or now - self._sent.get(key, -self._interval) < self._interval:
+            return
+        self._sent[key] = now
+        if len(self._sent) > 4096:
+            self._sent.pop(next(iter(self._sent)))
+        task = asyncio.create_task(self._write(self._sink, lag))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, sink: EventSink, lag: Lag) -> None:
+        policy = {"metadata": {"name": lag.policy, "namespace": lag.namespace, "uid": lag.uid}}
+        event = policy_event(
+            policy, kind="Warning", reason="InjectedLastGoodConfig", component="llmroute-webhook",
+            message=f"new pods get the last good config (configHash {lag.config_hash}): the policy {lag.reason}",
+            now=datetime.datetime.now(datetime.UTC),
+        )  # fmt: skip
+        try:
+            await sink.create_event(lag.namespace, event)
+        except Exception as exc:  # an Event is a courtesy: the pod is admitted either way
+            log.warning("cannot record the last-good-config Event on %s/%s: %s", lag.namespace, lag.policy, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+
+
+@dataclass
+class Draining:
+    """Set at SIGTERM: `/readyz` fails so the API server stops sending reviews; in-flight ones finish."""
+
+    started: bool = False
+
+
+DRAINING_KEY = web.AppKey("llmroute_draining", Draining)
 SETTINGS_KEY = web.AppKey("llmroute_settings", Settings)
 CACHE_KEY = web.AppKey("llmroute_policy_cache", PolicyCache)
+LAG_KEY = web.AppKey("llmroute_lag_reporter", LagReporter)
 
 
 @dataclass(frozen=True)
@@ -126,6 +213,8 @@ class Verdict:
     patch: list[dict[str, Any]] | None = None
     message: str | None = None
     warnings: tuple[str, ...] = ()
+    lag: Lag | None = None
+    """Set when the pod got the policy's last good config rather than its current spec."""
 
 
 def _bad_policy(settings: Settings, message: str) -> Verdict:
@@ -164,7 +253,10 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
     name = requested_policy(pod)
     if name is None or namespace in settings.skip_namespaces:
         return Verdict(True)
-    if conflicts := injection_conflicts(pod):
+    if (skip := host_network_skip(pod)) is not None:
+        return Verdict(True, warnings=(f"llmroute: not injected: {skip}",))
+    notes = tuple(f"llmroute: {note}" for note in sidecar_resources(pod, settings)[1])
+    if conflicts := injection_conflicts(pod, sidecar_ports(settings)):
         return _bad_policy(
             settings,
             f'llmroute: cannot add the sidecar of LLMRoutePolicy "{namespace}/{name}": {"; ".join(conflicts)} '
@@ -173,16 +265,30 @@ async def review_pod(request: Mapping[str, Any], settings: Settings, policies: P
     body = await policies.get(namespace, name)
     if body is None:
         return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{name}" not found in namespace "{namespace}"')
+    problem: str | None
     try:
-        policy = load_cluster_policy(body)
+        policy = load_cluster_policy(body, settings.provider_hosts)
     except PolicyError as exc:
-        return _bad_policy(
-            settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is invalid: {"; ".join(exc.problems)}'
-        )
-    if (reason := not_ready_reason(body, policy)) is not None:
-        return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" is not Ready: {reason}')
-    patch = json_patch(pod, inject(pod, policy, settings))
-    return Verdict(True, patch=patch or None)
+        problem = f"is invalid: {'; '.join(exc.problems)}"
+    else:
+        reason = not_ready_reason(body, policy)
+        problem = None if reason is None else f"is not Ready: {reason}"
+    if problem is None:
+        patch = json_patch(pod, inject(pod, SidecarSource.of(policy), settings))
+        return Verdict(True, patch=patch or None, warnings=notes)
+    last_good = last_good_source(name, body.get("status") or {})
+    if last_good is None:  # never rendered: there is no config to give the pod
+        return _bad_policy(settings, f'llmroute: LLMRoutePolicy "{namespace}/{name}" {problem}')
+    note = f"configHash {last_good.config_hash}, because the policy {problem}"
+    lagging = f'llmroute: LLMRoutePolicy "{namespace}/{name}": the sidecar gets its last good config, {note}'
+    patch = json_patch(pod, inject(pod, last_good, settings, annotations={LAST_GOOD_ANNOTATION: note[:1024]}))
+    uid = (body.get("metadata") or {}).get("uid")
+    return Verdict(
+        True,
+        patch=patch or None,
+        warnings=(lagging, *notes),
+        lag=Lag(namespace, name, str(uid) if uid else None, last_good.config_hash, problem),
+    )
 
 
 def admission_response(uid: str, verdict: Verdict) -> dict[str, Any]:
@@ -214,6 +320,8 @@ async def _mutate_pods(request: web.Request) -> web.Response:
         metrics.admitted(None)
         return web.json_response({"error": str(exc)}, status=500)
     metrics.admitted(verdict)
+    if verdict.lag is not None:
+        request.app[LAG_KEY].report(verdict.lag)
     return web.json_response(admission_response(admission["uid"], verdict))
 
 
@@ -221,36 +329,65 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-def build_webhook_app(settings: Settings, source: PolicySource) -> web.Application:
+async def _ready(request: web.Request) -> web.Response:
+    if request.app[DRAINING_KEY].started:
+        return web.Response(status=503, text="draining\n")
+    synced = getattr(request.app[CACHE_KEY].source, "synced", None)
+    if isinstance(synced, asyncio.Event) and not synced.is_set():
+        return web.Response(status=503, text="policy cache not filled yet\n")
+    return web.Response(text="ok\n")
+
+
+def build_webhook_app(
+    settings: Settings, source: PolicySource, events: EventSink | None = None
+) -> web.Application:
     """The admission app: `POST /mutate-pods`, `GET /healthz`, `GET /readyz`."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS_KEY] = settings
-    app[CACHE_KEY] = PolicyCache(source, settings.policy_cache_ttl)
+    # An informer is already a cache kept current by a watch: a TTL on top would only delay edits.
+    app[CACHE_KEY] = PolicyCache(source, 0 if isinstance(source, PolicyInformer) else settings.policy_cache_ttl)
+    app[DRAINING_KEY] = Draining()
+    sink = events if events is not None else source if isinstance(source, EventSink) else None
+    app[LAG_KEY] = lag = LagReporter(sink, LAG_EVENT_INTERVAL)
+
+    async def close_reporter(_: web.Application) -> None:
+        await lag.close()
+
+    app.on_cleanup.append(close_reporter)
     app.router.add_post(MUTATE_PATH, _mutate_pods)
     app.router.add_get("/healthz", _ok)
-    app.router.add_get("/readyz", _ok)
+    app.router.add_get("/readyz", _ready)
     return app
 
 
-def policy_providers(bodies: Sequence[Mapping[str, Any]]) -> list[Provider]:
+def policy_providers(
+    bodies: Sequence[Mapping[str, Any]], provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> list[Provider]:
     """The providers of every valid policy (invalid ones are skipped: their sidecars keep the last good)."""
     providers: list[Provider] = []
     for body in bodies:
         try:
-            providers.extend(load_cluster_policy(body).spec.providers)
+            providers.extend(load_cluster_policy(body, provider_hosts).spec.providers)
         except PolicyError:
             continue
     return providers
 
 
-async def refresh_board(board: StatusBoard, source: PolicySource) -> int:
+async def refresh_board(
+    board: StatusBoard, source: PolicySource, provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS
+) -> int:
     """Point the board at the status pages of all policies; returns how many pages it polls."""
-    board.configure(policy_providers(await source.list_policies()))
+    board.configure(policy_providers(await source.list_policies(), provider_hosts))
     return len(board.pollers)
 
 
 async def keep_board_fresh(
-    board: StatusBoard, source: PolicySource, interval: float, *, first_retry: float = RELAY_FIRST_RETRY
+    board: StatusBoard,
+    source: PolicySource,
+    interval: float,
+    *,
+    first_retry: float = RELAY_FIRST_RETRY,
+    provider_hosts: Sequence[str] = DEFAULT_PROVIDER_HOSTS,
 ) -> None:
     """Refresh the board now and every `interval` seconds, for as long as the relay runs.
 
@@ -262,7 +399,7 @@ async def keep_board_fresh(
     delay = first_retry
     while True:
         try:
-            await refresh_board(board, source)
+            await refresh_board(board, source, provider_hosts)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
             if problem != last_problem:
@@ -301,7 +438,9 @@ async def relay_board(settings: Settings, source: PolicySource) -> AsyncIterator
 
     async with aiohttp.ClientSession() as session:
         board = StatusBoard(session)
-        refresher = asyncio.create_task(keep_board_fresh(board, source, settings.relay_refresh_interval))
+        refresher = asyncio.create_task(
+            keep_board_fresh(board, source, settings.relay_refresh_interval, provider_hosts=settings.provider_hosts)
+        )
         try:
             yield board
         finally:
@@ -384,9 +523,16 @@ async def keep_tls_fresh(tls: WebhookTls, interval: float) -> None:
 
 
 async def serve(
-    settings: Settings, source: PolicySource, stop: asyncio.Event, *, tls_reload_interval: float = TLS_RELOAD_INTERVAL
+    settings: Settings,
+    source: PolicySource,
+    stop: asyncio.Event,
+    *,
+    tls_reload_interval: float = TLS_RELOAD_INTERVAL,
+    events: EventSink | None = None,
 ) -> None:
-    """Run both listeners until `stop` is set."""
+    """Run both listeners until `stop` is set, then drain: `/readyz` fails at once, the listeners keep
+    serving for `settings.shutdown_delay` (the API server and kube-proxy see the pod go unready), then
+    close, and reviews in flight get `settings.drain_timeout` to finish."""
     from llmroute_sidecar.statusrelay import build_relay_app
 
     tls = webhook_tls(settings)
@@ -398,17 +544,21 @@ async def serve(
         relay_board(settings, source) as board,
         _background(None if tls is None else keep_tls_fresh(tls, tls_reload_interval)),
     ):
+        admission = build_webhook_app(settings, source, events)
         try:
             for app, port, ssl_context in (
-                (build_webhook_app(settings, source), settings.webhook_port, context),
+                (admission, settings.webhook_port, context),
                 (metrics.add_metrics_route(build_relay_app(board), board), settings.relay_port, None),
             ):
-                runner = web.AppRunner(app, access_log=None)
+                runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout)
                 await runner.setup()
                 runners.append(runner)
                 await web.TCPSite(runner, "0.0.0.0", port, ssl_context=ssl_context).start()
             log.info("admission on :%d, status relay on :%d", settings.webhook_port, settings.relay_port)
             await stop.wait()
+            admission[DRAINING_KEY].started = True
+            log.info("draining: unready now, closing in %gs", settings.shutdown_delay)
+            await asyncio.sleep(settings.shutdown_delay)
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
@@ -426,8 +576,10 @@ async def _main(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     api = await connect_api()
+    informer = PolicyInformer(api)
     try:
-        await serve(settings, api, stop)
+        async with _background(informer.run()):
+            await serve(settings, informer, stop, events=api)
     finally:
         await api.close()
 

@@ -171,7 +171,7 @@ async def serve(
 ) -> None:
     from aiohttp import web
 
-    from .server import IDLE_TIMEOUT, create_app, shut_down
+    from .server import IDLE_TIMEOUT, create_app, health_app, shut_down
     from .telemetry import tracer_provider_from_env
 
     env = environment or read_environment()
@@ -193,9 +193,15 @@ async def serve(
         keepalive_timeout=env.idle_timeout or IDLE_TIMEOUT,
     )
     await runner.setup()
+    health: web.AppRunner | None = None
+    if env.health_listen:  # probes only, e.g. 0.0.0.0:8788 in a pod
+        health = web.AppRunner(health_app(app), access_log=None)
+        await health.setup()
+        health_host, health_port = listen_address(env.health_listen, "LLMROUTE_HEALTH_LISTEN")
+        await web.TCPSite(health, health_host, health_port).start()
     site = web.TCPSite(runner, host.strip("[]"), port, backlog=1024)
     await site.start()
-    metrics_listen = os.environ.get("LLMROUTE_METRICS_LISTEN")
+    metrics_listen = env.metrics_listen
     metrics_runner = None
     if metrics_listen:  # metrics only, off loopback, for Prometheus (see metricsport)
         from .metricsport import start_metrics_listener
@@ -219,6 +225,8 @@ async def serve(
     await shut_down(runner, drain_timeout)  # readiness off, stop accepting, drain, then end what is left
     if metrics_runner is not None:
         await metrics_runner.cleanup()
+    if health is not None:
+        await health.cleanup()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ accepts (the CLI prints it and exits 2), never a traceback at start and never a 
     LLMROUTE_MAX_BUFFERED_BYTES   request-body bytes held at once, a positive integer (default 128 MiB)
     LLMROUTE_STREAM_IDLE_TIMEOUT  longest silence between two reads of an upstream stream, seconds (90)
     LLMROUTE_IDLE_TIMEOUT         seconds a client connection may go without a complete request (15)
+    LLMROUTE_HEALTH_LISTEN        host:port serving /healthz and /readyz alone, for kubelet probes (default: none)
+    LLMROUTE_METRICS_LISTEN       host:port serving /metrics and /healthz alone, for Prometheus (default: none)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class SidecarEnvironment:
     max_buffered_bytes: int | None = None
     stream_idle_timeout: float | None = None
     idle_timeout: float | None = None
+    health_listen: str | None = None
+    metrics_listen: str | None = None
 
 
 def log_level(environ: Mapping[str, str] | None = None) -> int:
@@ -88,6 +92,13 @@ def read_environment(environ: Mapping[str, str] | None = None) -> SidecarEnviron
                 "LLMROUTE_STATUS_RELAY: expected an http(s) URL such as "
                 f"http://llmroute-relay.llmroute-system:8080, got {relay!r}"
             )
+    def address(name: str) -> str | None:
+        raw = env.get(name, "").strip()
+        if not raw:
+            return None
+        host, port = listen_address(raw, name)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     in_flight = positive("LLMROUTE_MAX_IN_FLIGHT", int, "a positive integer (requests served at once)")
     buffered = positive("LLMROUTE_MAX_BUFFERED_BYTES", int, "a positive integer (bytes)")
     return SidecarEnvironment(
@@ -96,4 +107,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> SidecarEnviron
         max_buffered_bytes=int(buffered) if buffered is not None else None,
         stream_idle_timeout=positive("LLMROUTE_STREAM_IDLE_TIMEOUT", float, "a positive number of seconds"),
         idle_timeout=positive("LLMROUTE_IDLE_TIMEOUT", float, "a positive number of seconds"),
+        health_listen=address("LLMROUTE_HEALTH_LISTEN"),
+        metrics_listen=address("LLMROUTE_METRICS_LISTEN"),
     )

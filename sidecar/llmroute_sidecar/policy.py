@@ -10,11 +10,14 @@ Field names are the contract's camelCase; Python attributes are snake_case (pyda
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
@@ -28,7 +31,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from . import __version__
 from .durations import DURATION_PATTERN, format_duration, parse_duration
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "llmroute.dev/v1alpha1"
 KIND = "LLMRoutePolicy"
@@ -151,8 +157,12 @@ class Provider(Model):
 
     name: Name
     type: ProviderType
-    base_url: str | None = Field(default=None, alias="baseURL")
-    """As the provider's official SDK takes it; default per type."""
+    base_url: str | None = Field(default=None, alias="baseURL", max_length=2048)
+    """As the provider's official SDK takes it; default per type. `https://` (the key travels in it), or
+    `http://` with `allowPlainHTTP`; standalone, a loopback host (a local fake or proxy) needs no opt-in."""
+    allow_plain_http: bool = Field(default=False, alias="allowPlainHTTP")
+    """Allow an `http://` baseURL: the API key is then sent unencrypted. In a cluster the host must also
+    be on the operator's allowlist of provider hosts."""
     api_key: ApiKey | None = None
     status_page: StatusPage | None = None
     rate_limits: RateLimits = Field(default_factory=RateLimits)
@@ -376,14 +386,26 @@ def key_file(provider_name: str) -> str:
     return f"{KEY_MOUNT_DIR}/{provider_name}"
 
 
+RENDERED_ANNOTATION = "llmroute.dev/rendered-by"
+"""On a config the operator wrote: machine-written, possibly by a newer operator than the sidecar reading
+it, so fields the sidecar does not know are ignored with a warning instead of refused (version skew)."""
+
+
 def render_sidecar_config(policy: LoadedPolicy) -> dict[str, Any]:
     """The config file the operator writes for sidecars: Secret references become a file and an env var.
 
     The webhook gives the sidecar container the key both ways from the Secret: as a file of a projected
     volume (which the kubelet updates when the Secret rotates) and as a `secretKeyRef` variable (fixed at
     start). The rendered config holds no secret material and no Secret names.
+
+    Only fields whose value differs from the default are written (the API server fills the CRD's defaults
+    in, so "what the user set" is not known here): a field a newer operator adds with a default never
+    reaches the file, and the previous release's sidecars, which refuse fields they do not know, keep
+    loading it. Each sidecar applies its own defaults; the configHash is of the effective spec.
     """
     document = policy.to_document()
+    document["spec"] = policy.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+    document["metadata"]["annotations"] = {RENDERED_ANNOTATION: f"llmroute-operator {__version__}"}
     for provider in document["spec"]["providers"]:
         key = provider.get("apiKey")
         if key and "secretKeyRef" in key:
@@ -399,6 +421,37 @@ def config_hash(spec: PolicySpec) -> str:
     """A short, stable digest of the effective spec (same policy -> same hash, whatever the spelling)."""
     canonical = orjson.dumps(dump_spec(spec), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable only from inside this host (or pod)."""
+    return host.lower() in LOOPBACK_HOSTS or re.fullmatch(r"127(\.\d{1,3}){3}", host) is not None
+
+
+def base_url_problems(provider: Provider, path: str) -> list[str]:
+    """Why `provider.baseURL` may not carry an API key: a scheme other than https (plain http needs
+    `allowPlainHTTP`, except to a loopback host), no host, or credentials in the URL."""
+    if provider.base_url is None:
+        return []
+    try:
+        parts = urlsplit(provider.base_url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        return [f"{path}.baseURL: not a valid URL: {exc}"]
+    if parts.scheme not in ("https", "http") or not host:
+        return [f"{path}.baseURL: expected https://<host>[/path], got {provider.base_url!r}"]
+    if parts.username is not None or parts.password is not None:
+        return [f"{path}.baseURL: must not carry credentials (the key comes from apiKey)"]
+    if parts.scheme == "http" and not provider.allow_plain_http and not is_loopback(host):
+        return [
+            f"{path}.baseURL: plain http would send the API key unencrypted to {host}; use https, or set "
+            "allowPlainHTTP: true on the provider"
+        ]
+    return []
 
 
 def _format_loc(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -429,6 +482,7 @@ def _semantic_problems(spec: PolicySpec) -> tuple[list[str], list[str]]:
     unique([p.name for p in spec.providers], "spec.providers", "provider")
     unique([r.name for r in spec.routes], "spec.routes", "route")
     for p_index, provider in enumerate(spec.providers):
+        errors.extend(base_url_problems(provider, f"spec.providers[{p_index}]"))
         key = provider.api_key
         if key is not None and (key.env is None and key.file is None) == (key.secret_key_ref is None):
             errors.append(f"spec.providers[{p_index}].apiKey: set secretKeyRef, or env and/or file")
@@ -484,8 +538,6 @@ def _without_invalid_fields(raw_spec: Any, error: ValidationError, passes: int =
     """The spec with every field pydantic refused left out (defaults in their place), so the cross-field
     checks can still report their problems in the same run (`llmroute validate` lists every mistake it
     can find, not the first). None when leaving fields out cannot make it valid (a required field)."""
-    import copy
-
     spec = copy.deepcopy(raw_spec)
     for _ in range(passes):
         for problem in error.errors():
@@ -513,8 +565,24 @@ def _drop(document: Any, loc: tuple[int | str, ...]) -> bool:
     return False
 
 
-def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
-    """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError."""
+def _without(data: Any, locations: list[tuple[int | str, ...]]) -> Any:
+    """A copy of `data` without the fields at `locations` (pydantic error locations)."""
+    data = copy.deepcopy(data)
+    for location in locations:
+        parent = data
+        for part in location[:-1]:
+            parent = parent[part]
+        if isinstance(parent, dict):
+            parent.pop(location[-1], None)
+    return data
+
+
+def load_policy(document: Mapping[str, Any], *, tolerate_unknown: bool | None = None) -> LoadedPolicy:
+    """Validate a manifest (`apiVersion/kind/metadata/spec`) or a bare spec; raise PolicyError.
+
+    Unknown fields are errors (a typo must not silently do nothing), except in a config the operator
+    rendered (`RENDERED_ANNOTATION`; or `tolerate_unknown=True`): those are ignored, each with a warning,
+    so a sidecar keeps running what a newer operator wrote."""
     if not isinstance(document, Mapping):
         raise PolicyError(["policy: expected a mapping (an LLMRoutePolicy manifest)"])
     if "spec" in document:
@@ -532,15 +600,30 @@ def load_policy(document: Mapping[str, Any]) -> LoadedPolicy:
         prefix, raw_spec, metadata = "spec", document, {}
     if not isinstance(metadata, Mapping):
         raise PolicyError(["metadata: expected a mapping"])
+    if tolerate_unknown is None:
+        tolerate_unknown = RENDERED_ANNOTATION in (metadata.get("annotations") or {})
+    ignored: list[str] = []
     try:
         spec = PolicySpec.model_validate(raw_spec)
     except ValidationError as exc:
-        problems = [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
-        rest = _without_invalid_fields(raw_spec, exc)
-        if rest is not None:
-            problems += [p for p in _semantic_problems(rest)[0] if p not in problems]
-        raise PolicyError(problems) from None
+        unknown = [tuple(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not (tolerate_unknown and unknown):
+            problems = [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+            rest = _without_invalid_fields(raw_spec, exc)
+            if rest is not None:
+                problems += [p for p in _semantic_problems(rest)[0] if p not in problems]
+            raise PolicyError(problems) from None
+        ignored = [f"{_format_loc(prefix, loc)}: unknown field ignored (a newer operator's?)" for loc in unknown]
+        for line in ignored:
+            log.warning("%s", line)
+        try:
+            spec = PolicySpec.model_validate(_without(raw_spec, unknown))
+        except ValidationError as again:
+            raise PolicyError(
+                [f"{_format_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in again.errors()]
+            ) from None
     errors, warnings = _semantic_problems(spec)
+    warnings = ignored + warnings
     if errors:
         raise PolicyError(errors)
     generation = metadata.get("generation")

@@ -768,6 +768,17 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(text="ready")
 
 
+def health_app(main: web.Application) -> web.Application:
+    """`/healthz` and `/readyz` of `main` (set up already) and nothing else, for a listener the kubelet
+    reaches on the pod IP (`LLMROUTE_HEALTH_LISTEN`): the main listener stays on loopback (it spends the
+    keys), and `httpGet` probes cost no process start, unlike exec probes."""
+    app = web.Application()
+    app[STATE] = main[STATE]
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
 async def status(request: web.Request) -> web.Response:
     state = request.app[STATE]
     runtime = state.runtime

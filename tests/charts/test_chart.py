@@ -205,19 +205,24 @@ def test_a_budget_that_blocks_drains_or_protects_nothing_is_refused(values: tupl
     assert "minAvailable" in result.stderr, result.stderr
 
 
-def test_webhook_reaches_the_server_through_service_and_ports() -> None:
-    manifests = render()
+@pytest.mark.parametrize(("values", "listening"), [((), 8443), (("--set", "webhook.port=10250"), 10250)])
+def test_webhook_reaches_the_server_through_service_and_ports(values: tuple[str, ...], listening: int) -> None:
+    """webhook.port=10250: private GKE control planes reach nodes on 443 and 10250 only."""
+    manifests = render(*values)
     configuration = only(manifests, "MutatingWebhookConfiguration")
-    [hook] = configuration["webhooks"]
-    reference = hook["clientConfig"]["service"]
     service = only(manifests, "Service", "-webhook")
     deployment = only(manifests, "Deployment", "-webhook")
-    assert (reference["name"], reference["namespace"]) == (service["metadata"]["name"], NAMESPACE)
-    assert reference["path"] == "/mutate-pods"
-    [port] = [p for p in service["spec"]["ports"] if p["port"] == reference["port"]]
-    assert port["port"] == 443
-    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
-    assert ports[port["targetPort"]] == 8443 == int(env(deployment)["LLMROUTE_WEBHOOK_PORT"])
+    assert len(configuration["webhooks"]) == 2
+    for hook in configuration["webhooks"]:
+        reference = hook["clientConfig"]["service"]
+        assert (reference["name"], reference["namespace"]) == (service["metadata"]["name"], NAMESPACE)
+        assert reference["path"] == "/mutate-pods"
+        [port] = [p for p in service["spec"]["ports"] if p["port"] == reference["port"]]
+        assert port["port"] == 443
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        assert ports[port["targetPort"]] == listening == int(env(deployment)["LLMROUTE_WEBHOOK_PORT"])
+    ready = container(deployment)["readinessProbe"]["httpGet"]
+    assert {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}[ready["port"]] == listening
     mounts = {m["name"]: m["mountPath"] for m in container(deployment)["volumeMounts"]}
     assert mounts["tls"] == env(deployment)["LLMROUTE_WEBHOOK_TLS_DIR"] == "/etc/llmroute/tls"
     [tls] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
@@ -240,7 +245,11 @@ def test_status_relay_url_reaches_the_relay_port() -> None:
 
 
 def test_webhook_admission_settings() -> None:
-    [hook] = only(render(), "MutatingWebhookConfiguration")["webhooks"]
+    hooks = only(render(), "MutatingWebhookConfiguration")["webhooks"]
+    assert [h["name"] for h in hooks] == ["namespaces.pods.llmroute.dev", "objects.pods.llmroute.dev"]
+    hook = hooks[0]
+    assert all({**h, "name": "", "namespaceSelector": {}, "objectSelector": {}} == {
+        **hook, "name": "", "namespaceSelector": {}, "objectSelector": {}} for h in hooks)  # fmt: skip
     assert hook["failurePolicy"] == "Ignore"
     assert hook["sideEffects"] == "None"
     assert hook["admissionReviewVersions"] == ["v1"]
@@ -255,12 +264,47 @@ def test_webhook_admission_settings() -> None:
             "scope": "Namespaced",
         }
     ]
-    [fail] = only(render("--set", "webhook.failurePolicy=Fail"), "MutatingWebhookConfiguration")["webhooks"]
-    assert fail["failurePolicy"] == "Fail"
+    fail = only(render("--set", "webhook.failurePolicy=Fail"), "MutatingWebhookConfiguration")["webhooks"]
+    assert {h["failurePolicy"] for h in fail} == {"Fail"}
+
+
+def sent_by(hooks: list[Manifest], namespace: dict[str, str], pod: dict[str, str]) -> list[str]:
+    """The webhooks the API server calls for a pod with these labels in a namespace with these labels."""
+    return [
+        h["name"] for h in hooks if selects(h["namespaceSelector"], namespace) and selects(h["objectSelector"], pod)
+    ]
+
+
+def ns(name: str, injection: str | None = None) -> dict[str, str]:
+    """A namespace's labels: its name, and llmroute.dev/injection when given."""
+    return {"kubernetes.io/metadata.name": name, **({"llmroute.dev/injection": injection} if injection else {})}
+
+
+def test_only_opted_in_pods_are_sent_to_the_webhook_and_each_at_most_once() -> None:
+    """Opt-in by label (Istio's pattern): CNI, DNS, mesh and every other pod never wait on the webhook."""
+    hooks = only(render(), "MutatingWebhookConfiguration")["webhooks"]
+    opted_in, opted_out = {"llmroute.dev/inject": "true"}, {"llmroute.dev/inject": "false"}
+    enabled, disabled = {"llmroute.dev/injection": "enabled"}, {"llmroute.dev/injection": "disabled"}
+
+    assert sent_by(hooks, ns("my-app"), {"app": "web"}) == []
+    assert sent_by(hooks, ns("my-app"), opted_in) == ["objects.pods.llmroute.dev"]
+    assert sent_by(hooks, {**ns("my-app"), **enabled}, {"app": "web"}) == ["namespaces.pods.llmroute.dev"]
+    assert sent_by(hooks, {**ns("my-app"), **enabled}, opted_in) == ["namespaces.pods.llmroute.dev"]
+    assert sent_by(hooks, {**ns("my-app"), **enabled}, opted_out) == []
+    assert sent_by(hooks, {**ns("my-app"), **disabled}, opted_in) == []
+    for system in ["kube-system", "kube-public", "kube-node-lease", NAMESPACE]:
+        assert sent_by(hooks, {**ns(system), **enabled}, opted_in) == [], system
+    for deployment in [m for m in render() if m["kind"] == "Deployment"]:
+        labels = {**deployment["spec"]["template"]["metadata"]["labels"], **opted_in}
+        assert sent_by(hooks, {**ns("my-app"), **enabled}, labels) == []
+
+    every = only(render("--set", "webhook.selection=all"), "MutatingWebhookConfiguration")["webhooks"]
+    assert sent_by(every, ns("my-app"), {"app": "web"}) == ["pods.llmroute.dev"]
+    assert sent_by(every, ns("kube-system"), {"app": "web"}) == []
 
 
 def test_webhook_skips_system_namespaces_and_llmroutes_own_pods() -> None:
-    manifests = render()
+    manifests = render("--set", "webhook.selection=all")
     [hook] = only(manifests, "MutatingWebhookConfiguration")["webhooks"]
     for namespace in ["kube-system", "kube-public", "kube-node-lease", NAMESPACE]:
         assert not selects(hook["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}), namespace
@@ -270,15 +314,11 @@ def test_webhook_skips_system_namespaces_and_llmroutes_own_pods() -> None:
     assert selects(hook["objectSelector"], {"app.kubernetes.io/name": "support-bot"})
     assert selects(hook["objectSelector"], {})
 
-    [labelled] = only(render(*VARIANTS["selected-namespaces"]), "MutatingWebhookConfiguration")["webhooks"]
-    assert not selects(labelled["namespaceSelector"], {"kubernetes.io/metadata.name": "my-app"})
-    assert selects(
-        labelled["namespaceSelector"], {"kubernetes.io/metadata.name": "my-app", "llmroute.dev/injection": "enabled"}
-    )
-    assert not selects(
-        labelled["namespaceSelector"],
-        {"kubernetes.io/metadata.name": "kube-system", "llmroute.dev/injection": "enabled"},
-    )
+    hooks = only(render(*VARIANTS["selected-namespaces"]), "MutatingWebhookConfiguration")["webhooks"]
+    pod = {"llmroute.dev/inject": "true"}
+    assert sent_by(hooks, ns("my-app"), pod) == []
+    assert sent_by(hooks, ns("my-app", "enabled"), pod) == ["namespaces.pods.llmroute.dev"]
+    assert sent_by(hooks, ns("kube-system", "enabled"), pod) == []
 
 
 def _verify(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
@@ -297,8 +337,8 @@ def test_self_signed_tls_ca_bundle_signed_the_serving_certificate() -> None:
     manifests = render()
     secret = only(manifests, "Secret", "-webhook-tls")
     assert secret["type"] == "kubernetes.io/tls"
-    [hook] = only(manifests, "MutatingWebhookConfiguration")["webhooks"]
-    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    for hook in only(manifests, "MutatingWebhookConfiguration")["webhooks"]:
+        assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
     ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
     serving = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
     _verify(serving, ca)
@@ -307,22 +347,42 @@ def test_self_signed_tls_ca_bundle_signed_the_serving_certificate() -> None:
     assert b"PRIVATE KEY" in base64.b64decode(secret["data"]["tls.key"])
 
 
-def test_cert_manager_issues_the_certificate_and_injects_the_ca() -> None:
+def _hours(duration: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert match and duration, duration
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours + minutes / 60 + seconds / 3600
+
+
+def test_cert_manager_issues_the_certificate_from_a_ca_that_outlives_it() -> None:
+    """Self-signed Issuer -> 10-year CA Certificate -> CA Issuer -> serving Certificate, renewed well before
+    expiry; the injected caBundle (the leaf Secret's ca.crt: the CA) survives every leaf renewal."""
     manifests = render(*VARIANTS["cert-manager"])
     assert not [m for m in manifests if m["kind"] == "Secret"]
-    certificate = only(manifests, "Certificate")
-    issuer = only(manifests, "Issuer")
-    assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
-    assert certificate["spec"]["secretName"] == f"{RELEASE}-webhook-tls"
-    assert f"{RELEASE}-webhook.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    issuers = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "Issuer"}
+    certificates = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "Certificate"}
+    assert issuers == {
+        f"{RELEASE}-selfsigned": {"selfSigned": {}},
+        f"{RELEASE}-ca": {"ca": {"secretName": f"{RELEASE}-webhook-ca"}},
+    }
+    ca, leaf = certificates[f"{RELEASE}-webhook-ca"], certificates[f"{RELEASE}-webhook"]
+    assert ca["isCA"] is True and ca["secretName"] == f"{RELEASE}-webhook-ca"
+    assert ca["issuerRef"] == {"kind": "Issuer", "name": f"{RELEASE}-selfsigned"}
+    assert leaf["issuerRef"] == {"kind": "Issuer", "name": f"{RELEASE}-ca"}
+    assert not leaf.get("isCA")
+    assert leaf["secretName"] == f"{RELEASE}-webhook-tls"
+    assert f"{RELEASE}-webhook.{NAMESPACE}.svc" in leaf["dnsNames"]
+    assert _hours(ca["duration"]) >= 10 * _hours(leaf["duration"])  # the CA outlives many leaves
+    assert 0 < _hours(leaf["renewBefore"]) < _hours(leaf["duration"])  # rotated before it expires
     configuration = only(manifests, "MutatingWebhookConfiguration")
-    assert configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
-        f"{NAMESPACE}/{certificate['metadata']['name']}"
+    assert (
+        configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/{RELEASE}-webhook"
     )
-    assert "caBundle" not in configuration["webhooks"][0]["clientConfig"]
+    assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
 
     external = render(*VARIANTS["cert-manager-issuer"])
     assert not [m for m in external if m["kind"] == "Issuer"]
+    assert [m["metadata"]["name"] for m in external if m["kind"] == "Certificate"] == [f"{RELEASE}-webhook"]
     assert only(external, "Certificate")["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca"}
 
 
@@ -370,7 +430,7 @@ def test_operator_and_webhook_deployments() -> None:
     live = container(webhook)["livenessProbe"]["httpGet"]
     assert (live["path"], webhook_ports[live["port"]]) == ("/healthz", 8080)
     assert env(webhook)["LLMROUTE_SKIP_NAMESPACES"].split(",")[-1] == NAMESPACE
-    assert json.loads(env(webhook)["LLMROUTE_SIDECAR_RESOURCES"])["limits"]["memory"] == "256Mi"
+    assert json.loads(env(webhook)["LLMROUTE_SIDECAR_RESOURCES"])["limits"]["memory"] == "384Mi"
     assert env(webhook)["LLMROUTE_SIDECAR_IMAGE_PULL_POLICY"] == "IfNotPresent"
     tagged = render(
         "--set",
@@ -401,17 +461,44 @@ def test_rbac_is_least_privilege() -> None:
     # their status and creates core/v1 Events; kubeapi.py gets, creates and merge-patches ConfigMaps and
     # only gets Secrets (never list/watch: the operator must not be able to read every Secret).
     assert granted["llmroute-operator"] == {
-        ("llmroute.dev", "llmroutepolicies"): {"list", "watch", "patch"},
+        ("llmroute.dev", "llmroutepolicies"): {"get", "list", "watch", "patch"},
         ("llmroute.dev", "llmroutepolicies/status"): {"patch"},
         ("llmroute.dev", "llmroutepolicies/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
-        ("", "configmaps"): {"get", "create", "patch"},
+        ("", "configmaps"): {"get", "list", "create", "patch"},
+        ("", "pods"): {"list"},  # opted-in pods without the sidecar (UninjectedPods)
+        ("", "namespaces"): {"list"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     }
     assert all("resourceNames" not in rule for rule in roles["llmroute-operator"])
-    assert granted["llmroute-webhook"] == {("llmroute.dev", "llmroutepolicies"): {"get", "list"}}
+    assert granted["llmroute-webhook"] == {
+        ("llmroute.dev", "llmroutepolicies"): {"list", "watch"},  # the informer: no read per admission
+        ("", "events"): {"create"},  # InjectedLastGoodConfig
+    }
+    # Aggregated into Kubernetes' own view/edit/admin roles, bound to nobody by the chart.
+    assert granted["llmroute-view"] == {
+        ("llmroute.dev", "llmroutepolicies"): {"get", "list", "watch"},
+        ("llmroute.dev", "llmroutepolicies/status"): {"get", "list", "watch"},
+    }
+    assert granted["llmroute-edit"] == {
+        ("llmroute.dev", "llmroutepolicies"): {
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection",
+        }
+    }
+    labels = {m["metadata"]["name"]: m["metadata"]["labels"] for m in manifests if m["kind"] == "ClusterRole"}
+    assert labels["llmroute-view"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert labels["llmroute-edit"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["llmroute-edit"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     bindings = {m["roleRef"]["name"]: m["subjects"] for m in manifests if m["kind"] == "ClusterRoleBinding"}
+    assert set(bindings) == {"llmroute-operator", "llmroute-webhook"}
     accounts = {m["metadata"]["name"] for m in manifests if m["kind"] == "ServiceAccount"}
     for role, subjects in bindings.items():
         assert role in roles
@@ -428,11 +515,18 @@ KOPF_NEEDS = {  # kopf's own calls for a cluster-wide operator of llmroutepolici
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},  # notices its CRD appear
 }
 CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update"}
-CLIENT_RESOURCES = {"config_map": ("", "configmaps"), "secret": ("", "secrets")}
+CLIENT_RESOURCES = {
+    "config_map": ("", "configmaps"),
+    "secret": ("", "secrets"),
+    "event": ("", "events"),
+    "pod": ("", "pods"),
+    "namespace": ("", "namespaces"),
+}
 
 
-def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
-    """(group, resource) -> verbs that the named operator modules call through KubeApi (kubeapi.py)."""
+def _code_grants(*modules: str, served_elsewhere: frozenset[str] = frozenset()) -> dict[tuple[str, str], set[str]]:
+    """(group, resource) -> verbs that the named operator modules call through KubeApi (kubeapi.py);
+    calls named in `served_elsewhere` are left out (answered by something else in production)."""
     import ast
 
     from llmroute_operator import GROUP, PLURAL
@@ -450,14 +544,35 @@ def _code_grants(*modules: str) -> dict[tuple[str, str], set[str]]:
                 assert match and match.group(1) in CLIENT_VERBS, node.attr
                 custom = {"custom_object": (GROUP, PLURAL), "custom_object_status": (GROUP, f"{PLURAL}/status")}
                 resource = custom.get(match.group(2)) or CLIENT_RESOURCES[match.group(2)]
-                calls[method.name].add((resource, CLIENT_VERBS[match.group(1)]))
+                verb = CLIENT_VERBS[match.group(1)]
+                calls[method.name].add((resource, "watch" if method.name.startswith("watch_") else verb))
     grants: dict[tuple[str, str], set[str]] = {}
     for module in modules:
         for node in ast.walk(ast.parse((source / module).read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in calls
+                and node.func.attr not in served_elsewhere
+            ):
                 for resource, verb in calls[node.func.attr]:
                     grants.setdefault(resource, set()).add(verb)
     return grants
+
+
+def test_no_access_to_secrets_when_the_operator_does_not_check_them() -> None:
+    manifests = render("--set", "operator.checkSecrets=false")
+    [role] = [m for m in manifests if m["kind"] == "ClusterRole" and m["metadata"]["name"] == "llmroute-operator"]
+    assert not [rule for rule in role["rules"] if "secrets" in rule["resources"]]
+    from llmroute_operator.settings import Settings
+
+    assert Settings.from_env(env(only(manifests, "Deployment", "-operator"))).check_secrets is False
+    assert Settings.from_env(env(only(render(), "Deployment", "-operator"))).check_secrets is True
+    assert not [
+        m
+        for m in render("--set", "rbac.aggregateToDefaultRoles=false")
+        if m["metadata"]["name"].endswith(("-view", "-edit"))
+    ]
 
 
 def test_rbac_is_exactly_what_the_code_calls() -> None:
@@ -478,7 +593,12 @@ def test_rbac_is_exactly_what_the_code_calls() -> None:
     for key, verbs in _code_grants("handlers.py", "reconcile.py").items():
         operator.setdefault(key, set()).update(verbs)
     assert granted("llmroute-operator") == operator
-    assert granted("llmroute-webhook") == _code_grants("webhooks.py")
+    # The webhook's PolicySource is the informer in production (webhooks._main): its read_policy and
+    # list_policies answer from memory; only the informer's list and watch reach the API.
+    policy_source = frozenset({"read_policy", "list_policies"})
+    assert granted("llmroute-webhook") == _code_grants("webhooks.py", served_elsewhere=policy_source) | _code_grants(
+        "informer.py"
+    )
 
 
 def test_one_operator_replica_runs_standalone_and_is_recreated() -> None:
@@ -626,8 +746,8 @@ def test_the_operator_reads_the_environment_the_chart_sets() -> None:
     assert NAMESPACE in webhook.skip_namespaces and webhook.unknown_policy == "refuse"
     assert webhook.peering is None  # standalone kopf: one replica, Recreate
     assert Settings.from_env(env(only(manifests, "Deployment", "-operator"))).health_port == 8081
-    [hook] = only(manifests, "MutatingWebhookConfiguration")["webhooks"]
-    assert hook["clientConfig"]["service"]["path"] == MUTATE_PATH
+    for hook in only(manifests, "MutatingWebhookConfiguration")["webhooks"]:
+        assert hook["clientConfig"]["service"]["path"] == MUTATE_PATH
 
 
 def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
@@ -636,7 +756,10 @@ def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
     kubernetes = readme.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
     notes = (CHART / "templates" / "NOTES.txt").read_text(encoding="utf-8")
     script = (ROOT / "tests" / "e2e" / "kind.sh").read_text(encoding="utf-8")
-    patch = """'{"spec":{"template":{"metadata":{"annotations":{"llmroute.dev/policy":"support-bot"}}}}}'"""
+    patch = (
+        """'{"spec":{"template":{"metadata":{"labels":{"llmroute.dev/inject":"true"},"""
+        """"annotations":{"llmroute.dev/policy":"support-bot"}}}}}'"""
+    )
     for name, text in {"README": kubernetes, "NOTES.txt": notes, "kind.sh": script}.items():
         assert re.search(r"patch deployment my-app --type merge -p \\\s+" + re.escape(patch), text), name
         assert "kubectl annotate deployment" not in text, name  # would annotate the Deployment, not its pods

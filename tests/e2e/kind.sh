@@ -73,7 +73,7 @@ kubectl -n "$APP_NAMESPACE" rollout status deployment/my-app --timeout=180s
 
 # The same step as the README and the chart's NOTES: the annotation goes on the pod template.
 kubectl -n "$APP_NAMESPACE" patch deployment my-app --type merge -p \
-  '{"spec":{"template":{"metadata":{"annotations":{"llmroute.dev/policy":"support-bot"}}}}}'
+  '{"spec":{"template":{"metadata":{"labels":{"llmroute.dev/inject":"true"},"annotations":{"llmroute.dev/policy":"support-bot"}}}}}'
 kubectl -n "$APP_NAMESPACE" rollout status deployment/my-app --timeout=180s
 
 POD=$(kubectl -n "$APP_NAMESPACE" get pods -l app.kubernetes.io/name=my-app \

@@ -10,6 +10,8 @@ and 422 for a failed JSON-patch `test`. Lists carry the current resourceVersion;
 before it takes its snapshot and skips objects not newer than `?resourceVersion`. Deletion marks
 (finalizers present) get a new version too.
 
+Namespaces are listed from `namespace_labels` (kmock cannot route that path).
+
 Still not emulated (tests must not rely on them): schema validation and defaulting, label selectors,
 PUT, garbage collection of owned objects, DELETED events for objects removed between a list and the
 following watch.
@@ -44,6 +46,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_version: int = attrs.field(default=0, init=False)
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    namespace_labels: dict[str, dict[str, str]] = attrs.field(factory=dict, init=False)
+    """Namespaces by name, with their labels: kmock 0.8 cannot parse `/api/v1/namespaces` at all, so the
+    namespace list (with equality label selectors) is answered here, from this map."""
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            wanted = dict(
+                term.split("=", 1) for term in raw_request.query.get("labelSelector", "").split(",") if "=" in term
+            )
+            items = [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+                for name, labels in self.namespace_labels.items()
+                if all(labels.get(key) == value for key, value in wanted.items())
+            ]
+            document = {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}
+            return aiohttp.web.json_response(document)
+        return await super().__call__(raw_request)
 
     def _next_version(self) -> str:
         self._last_version = next(self._versions)

@@ -13,6 +13,7 @@ import copy
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -60,10 +61,14 @@ def events(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
     ]
 
 
+FAST = Settings(secret_recheck_interval=0.3, configmap_resync_interval=0.3)
+"""Resync passes every 0.3 s, so restored ConfigMaps and found Secrets show up quickly."""
+
+
 @contextlib.asynccontextmanager
 async def running_operator(kube: KubeEmulator, settings: Settings | None = None) -> AsyncIterator[None]:
     """kopf running the reconciler's registry against `kube`, stopped (and awaited) on exit."""
-    settings = settings or Settings()
+    settings = settings or FAST
     memo = handlers.OperatorMemo(settings=settings, connection=kopf.ConnectionInfo(server=str(kube.url).rstrip("/")))
     options = {**handlers.operator_options(settings), "liveness_endpoint": None}
     stop, ready = threading.Event(), threading.Event()
@@ -125,6 +130,7 @@ async def test_a_new_policy_gets_its_configmap_and_a_ready_status(kube: KubeEmul
         "HotHotRouting": "False",
         "BudgetOutOfRange": "False",
         "MissingSecret": "False",
+        "ServingLastGood": "False",
     }
     assert "kopf" not in status  # kopf's bookkeeping stays in annotations, out of the CRD's status
 
@@ -203,27 +209,70 @@ async def test_a_missing_secret_is_reported_until_the_secret_appears(kube: KubeE
     )
 
 
-async def test_a_deleted_policy_is_released_even_while_its_finalizer_is_held(
-    kube: KubeEmulator, operator: None
-) -> None:
-    # While a Secret is missing, kopf's timer holds a finalizer on the policy: deletion must stop the
-    # timer and release it. The ConfigMap is then the garbage collector's, by its owner reference.
-    await apply(kube, POLICY_URL, policy_body())
-    await eventually(
-        lambda: "llmroute.dev/finalizer" in stored(kube, POLICIES, "support-bot")["metadata"]["finalizers"],  # type: ignore[index]
-        what="the finalizer",
-    )
+async def test_a_policy_is_deletable_while_the_operator_is_uninstalled(kube: KubeEmulator) -> None:
+    """No finalizer on a policy, even one waiting for a Secret: deleting it (or its namespace) never waits
+    for an operator that is gone. The ConfigMap is then the garbage collector's, by its owner reference."""
+    async with running_operator(kube):
+        await apply(kube, POLICY_URL, policy_body())
+        await eventually(
+            lambda: (c := condition(kube, "support-bot", "MissingSecret")) and c["status"] == "True",
+            what="MissingSecret",
+        )
+    assert not stored(kube, POLICIES, "support-bot")["metadata"].get("finalizers")  # type: ignore[index]
 
     async with kube.delete(f"{POLICY_URL}/support-bot") as response:
         assert response.status == 200
 
-    await eventually(lambda: stored(kube, POLICIES, "support-bot") is None, what="the policy to be gone")
-    history = [v for (res, _, _), obj in kube.objects.items() if res == POLICIES for v in obj.history if v]
-    assert any(v["metadata"].get("deletionTimestamp") for v in history)  # deleted via the finalizer path
+    assert stored(kube, POLICIES, "support-bot") is None
     configmap = stored(kube, CONFIGMAPS, "support-bot-llmroute")
     assert configmap is not None
     [owner] = configmap["metadata"]["ownerReferences"]
     assert owner["blockOwnerDeletion"] is True and owner["name"] == "support-bot"
+
+
+async def test_a_deleted_or_edited_configmap_is_restored(kube: KubeEmulator, operator: None) -> None:
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    first = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    good = first["data"]["policy.json"]
+    url = f"/api/v1/namespaces/{NAMESPACE}/configmaps/support-bot-llmroute"
+
+    async with kube.delete(url) as response:
+        assert response.status == 200
+    restored = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the restored ConfigMap")
+    assert restored["data"]["policy.json"] == good
+    assert restored["metadata"]["ownerReferences"][0]["name"] == "support-bot"
+
+    await merge_patch(kube, url, {"data": {"policy.json": "{}"}})
+    await eventually(
+        lambda: (stored(kube, CONFIGMAPS, "support-bot-llmroute") or {}).get("data", {}).get("policy.json") == good,
+        what="the edit undone",
+    )
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+    await eventually(lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "ConfigMapCreated"][1:])
+
+
+async def test_a_huge_prompt_leaves_kopf_a_small_annotation(kube: KubeEmulator, operator: None) -> None:
+    """kopf's last-handled state is a digest: a 300 KiB prompt would not fit an annotation (256 KiB)."""
+    spec = copy.deepcopy(policy_body()["spec"])
+    spec["routes"][0]["targets"][0]["prompt"] = {"system": "Be helpful. " * 25_000}
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body(spec=spec))
+    await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True", what="Ready")
+
+    annotations = stored(kube, POLICIES, "support-bot")["metadata"].get("annotations") or {}  # type: ignore[index]
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 1024, annotations
+    assert annotations["llmroute.dev/last-handled-configuration"].startswith("sha256:")
+
+    spec["routes"][0]["budget"] = "9s"  # an edit is still seen as one
+    await merge_patch(kube, f"{POLICY_URL}/support-bot", {"spec": {"routes": spec["routes"]}})
+    await eventually(
+        lambda: (
+            '"budget": "9s"'
+            in (stored(kube, CONFIGMAPS, "support-bot-llmroute") or {}).get("data", {}).get("policy.json", "")
+        ),
+        what="the edit rendered",
+    )
 
 
 async def test_a_restarted_operator_leaves_an_unchanged_configmap_alone(kube: KubeEmulator) -> None:
@@ -270,8 +319,16 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
 
     async def relay(request: web.Request) -> web.Response:
         reading = Reading(state=state["now"], level=3 if state["now"] == "major_outage" else 0, usable=True)
-        entry = {**reading.to_json(), "type": page["type"], "url": page["url"], "watched": page["components"],
-                 "seq": 1, "epoch": "e1", "polledAt": None, "age": 1.0}
+        entry = {
+            **reading.to_json(),
+            "type": page["type"],
+            "url": page["url"],
+            "watched": page["components"],
+            "seq": 1,
+            "epoch": "e1",
+            "polledAt": None,
+            "age": 1.0,
+        }
         key = page_key(load_policy(policy_body(spec=spec)).spec.providers[0].status_page)  # type: ignore[arg-type]
         return web.json_response({"relay": {"pages": 1}, "pages": {key: entry}})
 
@@ -295,3 +352,110 @@ async def test_the_shedding_column_follows_the_status_relay(kube: KubeEmulator) 
             await eventually(lambda: shedding() is None, what="the column cleared")
     finally:
         await server.close()
+
+
+async def test_pointing_a_live_policy_at_another_host_never_reaches_the_configmap(
+    kube: KubeEmulator, operator: None
+) -> None:
+    """Whoever may patch a policy cannot send the live key elsewhere: sidecars hot-reload the ConfigMap,
+    and the operator never writes a baseURL whose host is off its allowlist into it."""
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    good = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    good_config = good["data"]["policy.json"]
+    providers = copy.deepcopy(policy_body()["spec"]["providers"])
+    providers[0]["baseURL"] = "https://collector.attacker.example/v1"
+
+    await merge_patch(kube, f"{POLICY_URL}/support-bot", {"spec": {"providers": providers}})
+
+    ready = await eventually(
+        lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "False" and c, what="Ready=False"
+    )
+    assert 'host "collector.attacker.example" is not on the operator\'s allowlist' in ready["message"]
+    serving = condition(kube, "support-bot", "ServingLastGood")
+    assert serving is not None and serving["status"] == "True"
+    configmap = stored(kube, CONFIGMAPS, "support-bot-llmroute")
+    assert configmap is not None and configmap["data"]["policy.json"] == good_config
+    assert "attacker" not in configmap["data"]["policy.json"]
+
+
+async def test_an_allowlisted_host_is_rendered(kube: KubeEmulator) -> None:
+    settings = replace(Settings(), provider_hosts=(*Settings().provider_hosts, "*.openai.azure.com"))
+    spec = copy.deepcopy(policy_body()["spec"])
+    spec["providers"][1]["baseURL"] = "https://corp.openai.azure.com/openai/v1"
+    async with running_operator(kube, settings):
+        await apply(kube, SECRET_URL, secret_body())
+        await apply(kube, POLICY_URL, policy_body(spec=spec))
+        configmap = await eventually(lambda: stored(kube, CONFIGMAPS, "support-bot-llmroute"), what="the ConfigMap")
+    assert "https://corp.openai.azure.com/openai/v1" in configmap["data"]["policy.json"]
+
+
+def a_pod(name: str, **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"llmroute.dev/inject": "true"},
+            "annotations": {"llmroute.dev/policy": "support-bot", **annotations},
+        },
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+async def test_opted_in_pods_running_without_the_sidecar_are_reported(kube: KubeEmulator, operator: None) -> None:
+    """Under failurePolicy Ignore a pod admitted while the webhook was down starts without keys or base
+    URLs; the policy says so (condition and Event) until the pod is gone."""
+    pods_url = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    kube.namespace_labels.update({NAMESPACE: {"llmroute.dev/injection": "enabled"}, "other": {}})
+    await apply(kube, SECRET_URL, secret_body())
+    await apply(kube, POLICY_URL, policy_body())
+    await eventually(lambda: (c := condition(kube, "support-bot", "Ready")) and c["status"] == "True", what="Ready")
+    await apply(kube, pods_url, a_pod("web-injected", **{"llmroute.dev/injected": "support-bot@abc"}))
+    await apply(kube, pods_url, a_pod("web-bare"))
+    in_labelled_namespace = a_pod("worker-bare")
+    del in_labelled_namespace["metadata"]["labels"]  # opted in by its namespace's label only
+    await apply(kube, pods_url, in_labelled_namespace)
+
+    reported = await eventually(  # passes may run between the creations: wait for the one that saw all three
+        lambda: (c := condition(kube, "support-bot", "UninjectedPods")) and "2 running" in c["message"] and c,
+        what="UninjectedPods",
+    )
+    assert reported["status"] == "True"
+    assert "2 running pod(s)" in reported["message"] and "web-bare, worker-bare" in reported["message"]
+    assert "web-injected" not in reported["message"]
+    await eventually(
+        lambda: [e for e in events(kube, "support-bot") if e.get("reason") == "PodsWithoutSidecar"], what="the Event"
+    )
+    assert condition(kube, "support-bot", "Ready")["status"] == "True"  # type: ignore[index]
+
+    for name in ("web-bare", "worker-bare"):
+        async with kube.delete(f"{pods_url}/{name}") as response:
+            assert response.status == 200
+    await eventually(
+        lambda: condition(kube, "support-bot", "UninjectedPods")["status"] == "False",  # type: ignore[index]
+        what="UninjectedPods to clear",
+    )
+
+
+async def test_a_found_secret_clears_missing_secret_between_full_passes(kube: KubeEmulator) -> None:
+    """Between the (rare) full passes, only the policies waiting for a Secret are read, one GET each."""
+    async with running_operator(kube, Settings(secret_recheck_interval=0.3, configmap_resync_interval=3600)):
+        await apply(kube, POLICY_URL, policy_body())
+        await eventually(
+            lambda: (c := condition(kube, "support-bot", "MissingSecret")) and c["status"] == "True",
+            what="MissingSecret",
+        )
+        await apply(kube, SECRET_URL, secret_body())
+        await eventually(
+            lambda: condition(kube, "support-bot", "MissingSecret")["status"] == "False",  # type: ignore[index]
+            what="MissingSecret to clear",
+        )
+    lists = [
+        r
+        for r in kube._requests  # every request kmock served
+        if r.resource == POLICIES and not r.name and str(r.method).endswith("GET") and "watch" not in r.params
+    ]
+    assert len(lists) <= 2, "one full pass at start (kopf's own list aside), not one per recheck"

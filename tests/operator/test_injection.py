@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import jsonpatch
@@ -16,10 +18,13 @@ from llmroute_operator.injection import (
     RESERVED_VOLUMES,
     SIDECAR_NAME,
     InjectionConflict,
+    host_network_skip,
     inject,
     injection_conflicts,
     json_patch,
+    parse_quantity,
     requested_policy,
+    sidecar_resources,
 )
 from llmroute_operator.settings import Settings
 from llmroute_sidecar.policy import LoadedPolicy, load_policy
@@ -139,17 +144,76 @@ def test_app_containers_get_the_sidecar_urls_and_placeholder_keys_unless_they_se
 def test_the_sidecar_is_probed_hardened_and_bounded() -> None:
     sidecar = patched(a_pod())["spec"]["initContainers"][0]
 
-    assert sidecar["readinessProbe"]["exec"]["command"][-1] == "/readyz"
-    assert sidecar["startupProbe"]["exec"]["command"][-1] == "/healthz"
-    assert sidecar["livenessProbe"]["exec"]["command"][-1] == "/healthz"
-    assert "127.0.0.1:8787" in " ".join(sidecar["readinessProbe"]["exec"]["command"])
+    # httpGet on the probe-only listener of the pod IP: no interpreter started per probe
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8788}
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": 8788}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8788}
+    assert env(sidecar)["LLMROUTE_HEALTH_LISTEN"] == "0.0.0.0:8788"
+    assert env(sidecar)["LLMROUTE_LISTEN"] == "127.0.0.1:8787"  # the API that spends the keys stays on loopback
     security = sidecar["securityContext"]
+    assert "runAsUser" not in security and "runAsGroup" not in security  # the image's, or the platform's
     assert security["runAsNonRoot"] is True
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert sidecar["resources"]["requests"]["memory"] and sidecar["resources"]["limits"]["memory"]
+    assert sidecar["resources"] == {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "384Mi"}}
+
+
+def test_a_fixed_uid_is_set_only_when_configured() -> None:
+    pod = a_pod()
+    security = inject(pod, policy(), replace(SETTINGS, sidecar_user=1001))["spec"]["initContainers"][0]["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (1001, 1001)
+
+
+def test_pod_annotations_override_the_sidecar_resources() -> None:
+    pod = a_pod(**{
+        "llmroute.dev/sidecar-memory-request": "200Mi",
+        "llmroute.dev/sidecar-cpu-limit": "1",
+        "llmroute.dev/sidecar-cpu-request": "lots",
+    })  # fmt: skip
+    sidecar = inject(pod, policy(), SETTINGS)["spec"]["initContainers"][0]
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "50m", "memory": "200Mi"},
+        "limits": {"memory": "384Mi", "cpu": "1"},
+    }
+    _, notes = sidecar_resources(pod, SETTINGS)
+    assert notes == ["llmroute.dev/sidecar-cpu-request: 'lots' is not a Kubernetes quantity; the default is kept"]
+
+
+def test_a_request_above_the_limit_raises_the_limit_so_the_pod_stays_valid() -> None:
+    pod = a_pod(**{"llmroute.dev/sidecar-memory-request": "0.5Gi"})
+    resources, notes = sidecar_resources(pod, SETTINGS)
+    assert resources["limits"]["memory"] == "0.5Gi"
+    assert notes == ["the sidecar's memory limit 384Mi is below its request 0.5Gi; raised to it"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("100m", "0.1"), ("128Mi", str(128 * 2**20)), ("1.5", "1.5"), ("2k", "2000"), ("1e3", None), ("-1", None), ("", None)],
+)
+def test_quantities(text: str, value: str | None) -> None:
+    parsed = parse_quantity(text)
+    assert (None if parsed is None else parsed) == (None if value is None else Decimal(value))
+
+
+def test_host_network_pods_are_skipped_unless_they_ask() -> None:
+    pod = a_pod()
+    pod["spec"]["hostNetwork"] = True
+    assert host_network_skip(pod) is not None and "llmroute.dev/inject-host-network" in str(host_network_skip(pod))
+    pod["metadata"]["annotations"]["llmroute.dev/inject-host-network"] = "true"
+    assert host_network_skip(pod) is None
+    sidecar = inject(pod, policy(), SETTINGS)["spec"]["initContainers"][0]
+    # no listener on the node's own network: exec probes over loopback instead
+    assert "exec" in sidecar["readinessProbe"] and "LLMROUTE_HEALTH_LISTEN" not in env(sidecar)
+
+
+def test_a_pod_already_using_a_sidecar_port_is_not_injected() -> None:
+    pod = a_pod()
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 8788}]
+    assert injection_conflicts(pod, (8787, 8788)) == ['container "app" declares port 8788']
+    with pytest.raises(InjectionConflict):
+        inject(pod, policy(), SETTINGS)
 
 
 def test_an_injected_pod_is_returned_unchanged() -> None:
@@ -166,6 +230,15 @@ def test_opting_out_leaves_the_pod_alone() -> None:
     assert requested_policy(pod) is None
     assert inject(pod, policy(), SETTINGS) == pod
     assert patched(copy.deepcopy(pod)) == pod
+
+
+def test_the_opt_out_label_leaves_the_pod_alone() -> None:
+    """In a namespace labelled for injection, a pod opts out with the label the webhook selector reads."""
+    pod = a_pod()
+    pod["metadata"]["labels"]["llmroute.dev/inject"] = "false"
+
+    assert requested_policy(pod) is None
+    assert inject(pod, policy(), SETTINGS) == pod
 
 
 def test_a_pod_without_annotations_asks_for_nothing() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,8 @@ from llmroute_operator.reconcile import (
     has_missing_secret,
     missing_secrets,
     referenced_secrets,
+    uninjected_condition,
+    uninjected_pods,
 )
 from llmroute_sidecar.policy import PolicyError, load_policy, render_sidecar_config
 
@@ -103,7 +106,13 @@ def test_ready_status_reports_hash_routes_generation_and_all_conditions() -> Non
     assert status["configMap"] == "support-bot-llmroute"
     assert status["routes"] == ["chat"]
     conditions = by_type(status)
-    assert [c["type"] for c in status["conditions"]] == ["Ready", "HotHotRouting", "BudgetOutOfRange", "MissingSecret"]
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready", "HotHotRouting", "BudgetOutOfRange", "MissingSecret", "ServingLastGood",
+    ]  # fmt: skip
+    assert status["secretKeyRefs"] == [
+        {"provider": "claude", "name": "llm-keys", "key": "anthropic"},
+        {"provider": "gpt", "name": "llm-keys", "key": "openai"},
+    ]
     assert conditions["Ready"]["status"] == "True"
     assert all(
         c["observedGeneration"] == 4 and c["lastTransitionTime"] == "2026-01-01T12:00:00Z" for c in conditions.values()
@@ -159,7 +168,22 @@ def test_a_configmap_owned_by_someone_else_makes_the_policy_not_ready() -> None:
         configmap_error="ConfigMap cm exists and is not managed by llmroute",
     )  # fmt: skip
     assert by_type(status)["Ready"]["reason"] == "ConfigMapConflict"
-    assert "configHash" not in status
+    # someone else's ConfigMap: the webhook must not inject from it (None removes the fields in the merge)
+    assert status["configHash"] is None and status["secretKeyRefs"] is None
+
+
+def test_an_invalid_edit_of_a_rendered_policy_says_pods_get_the_last_good_config() -> None:
+    good = build_status(None, policy=load_policy(policy_body()), generation=1, now=T0, configmap="cm")
+    error = PolicyError(["spec.providers[0].apiKey: in a cluster keys come from secretKeyRef"])
+
+    status = build_status(good, policy=error, generation=2, now=T0, configmap="cm")
+
+    assert "configHash" not in status and "secretKeyRefs" not in status  # the merge keeps the last good ones
+    serving = by_type(status)["ServingLastGood"]
+    assert serving["status"] == "True" and serving["reason"] == "InvalidPolicy"
+    assert good["configHash"] in serving["message"]
+    never = build_status(None, policy=error, generation=1, now=T0, configmap="cm")
+    assert "ServingLastGood" not in by_type(never)
 
 
 def test_missing_secrets_names_absent_secrets_once_and_absent_keys() -> None:
@@ -175,3 +199,27 @@ def test_missing_secrets_names_absent_secrets_once_and_absent_keys() -> None:
         'Secret "llm-keys" has no key "openai"',
         'Secret "other" has no key "g"',
     ]
+
+
+def test_uninjected_pods_are_the_running_opted_in_ones_without_the_sidecar() -> None:
+    def pod(name: str, namespace: str = "apps", phase: str = "Running", host: bool = False, **notes: str) -> Any:
+        return {
+            "metadata": {"name": name, "namespace": namespace, "annotations": {"llmroute.dev/policy": "bot", **notes}},
+            "spec": {"hostNetwork": host},
+            "status": {"phase": phase},
+        }
+
+    pods = [
+        pod("bare"),
+        pod("injected", **{"llmroute.dev/injected": "bot@1"}),
+        pod("done", phase="Succeeded"),
+        pod("opted-out", **{"llmroute.dev/inject": "false"}),
+        pod("host", host=True),
+        pod("host-asked", host=True, **{"llmroute.dev/inject-host-network": "true"}),
+        pod("system", namespace="kube-system"),
+        {"metadata": {"name": "no-policy", "namespace": "apps"}},
+    ]
+    assert uninjected_pods(pods, ["kube-system"]) == {("apps", "bot"): ["bare", "host-asked"]}
+    assert uninjected_condition([]).status == "False"
+    many = uninjected_condition([f"p{i}" for i in range(7)])
+    assert many.status == "True" and "7 running pod(s)" in many.message and "and 2 more" in many.message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import datetime
 import json
 import socket
@@ -30,10 +31,10 @@ from llmroute_operator.reconcile import build_status, configmap_name, load_clust
 from llmroute_operator.settings import Settings
 from llmroute_operator.webhooks import build_webhook_app, serve
 
-from .conftest import NAMESPACE, POLICY_URL, policy_body
+from .conftest import EVENTS, NAMESPACE, POLICY_URL, eventually, policy_body
 from .kube_emulator import KubeEmulator
 
-SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", webhook_tls_dir="/nonexistent")
+SETTINGS = Settings(sidecar_image="registry.example/llmroute:1.2.3", webhook_tls_dir="/nonexistent", shutdown_delay=0)
 
 
 def review(pod: dict[str, Any], *, namespace: str = NAMESPACE, operation: str = "CREATE") -> dict[str, Any]:
@@ -276,32 +277,94 @@ async def test_a_not_ready_policy_admits_uninjected_when_the_chart_allows_it(kub
     ]
 
 
-async def test_an_edited_policy_is_injected_only_once_its_configmap_holds_the_edit(
-    kube: KubeEmulator, webhook: Any
-) -> None:
-    """Between the edit and the reconcile, status.configHash names the previous spec: new pods would
-    run the old policy while their annotation claimed the new one."""
+async def patch_spec(kube: KubeEmulator, name: str, spec: dict[str, Any]) -> None:
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with kube.patch(f"{POLICY_URL}/{name}", data=json.dumps({"spec": spec}), headers=headers) as answer:
+        assert answer.status == 200, await answer.text()
+
+
+def lag_events(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
+    return [
+        obj.raw
+        for (res, _, _), obj in kube.objects.items()
+        if res == EVENTS and not obj.deleted and obj.raw.get("involvedObject", {}).get("name") == name
+        and obj.raw.get("reason") == "InjectedLastGoodConfig"
+    ]  # fmt: skip
+
+
+async def test_an_edited_policy_not_yet_rendered_injects_the_last_good_config(kube: KubeEmulator, webhook: Any) -> None:
+    """Between the edit and the reconcile (or while the operator is down) the ConfigMap holds the previous
+    spec: new pods get that one, say so, and get the edit once the ConfigMap holds it."""
     old = policy_body()
     await create_ready_policy(kube, old)
     edited = policy_body()
     edited["spec"]["routes"][0]["budget"] = "9s"
-    headers = {"Content-Type": "application/merge-patch+json"}
-    patch = json.dumps({"spec": {"routes": edited["spec"]["routes"]}})
-    async with kube.patch(f"{POLICY_URL}/support-bot", data=patch, headers=headers) as answer:
-        assert answer.status == 200, await answer.text()
+    edited["spec"]["providers"][1]["apiKey"]["secretKeyRef"] = {"name": "other-keys", "key": "openai"}
+    await patch_spec(
+        kube, "support-bot", {"routes": edited["spec"]["routes"], "providers": edited["spec"]["providers"]}
+    )
     url = await webhook(NO_CACHE)
     old_hash, new_hash = (load_cluster_policy(body).config_hash for body in (old, edited))
 
     response = await admit(url, review(a_pod()))
+    pod = applied(a_pod(), response)
 
-    assert response["allowed"] is False
-    assert response["status"]["message"] == (
-        f'llmroute: LLMRoutePolicy "apps/support-bot" is not Ready: its ConfigMap holds configHash {old_hash}, '
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["llmroute.dev/injected"] == f"support-bot@{old_hash}"
+    assert annotations["llmroute.dev/last-good-config"] == (
+        f"configHash {old_hash}, because the policy is not Ready: its ConfigMap holds configHash {old_hash}, "
         f"the current spec has {new_hash} (the operator has not caught up yet)"
     )
+    sidecar = pod["spec"]["initContainers"][0]
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in sidecar["env"] if "valueFrom" in e}
+    assert keys == {"LLMROUTE_KEY_CLAUDE": "llm-keys", "LLMROUTE_KEY_GPT": "llm-keys"}  # the old spec's keys
+    assert "last good config" in response["warnings"][0]
+    found = await eventually(lambda: lag_events(kube, "support-bot"), what="the InjectedLastGoodConfig Event")
+    assert found[0]["type"] == "Warning" and old_hash in found[0]["message"]
+    assert found[0]["involvedObject"]["kind"] == "LLMRoutePolicy"
+
+    for _ in range(3):  # a scale-up: one Event, not one per pod
+        assert "patch" in await admit(url, review(a_pod()))
+    await asyncio.sleep(0)
+    assert len(lag_events(kube, "support-bot")) == 1
+
     await set_status(kube, "support-bot", ready_status(edited))
     result = applied(a_pod(), await admit(url, review(a_pod())))
     assert result["metadata"]["annotations"]["llmroute.dev/injected"] == f"support-bot@{new_hash}"
+    assert "llmroute.dev/last-good-config" not in result["metadata"]["annotations"]
+
+
+async def test_an_edit_the_operator_refuses_keeps_injecting_the_last_good_config(
+    kube: KubeEmulator, webhook: Any
+) -> None:
+    """`apiKey.env` passes the CRD but not the operator: scale-ups and drains keep working."""
+    old = policy_body()
+    await create_ready_policy(kube, old)
+    providers = copy.deepcopy(old["spec"]["providers"])
+    providers[0]["apiKey"] = {"env": "ANTHROPIC_API_KEY"}
+    await patch_spec(kube, "support-bot", {"providers": providers})
+    url = await webhook(NO_CACHE)
+
+    pod = applied(a_pod(), await admit(url, review(a_pod())))
+
+    assert (
+        pod["metadata"]["annotations"]["llmroute.dev/injected"] == f"support-bot@{load_cluster_policy(old).config_hash}"
+    )
+    assert "in a cluster keys come from secretKeyRef" in pod["metadata"]["annotations"]["llmroute.dev/last-good-config"]
+    assert [v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v] == ["support-bot-llmroute"]
+
+
+async def test_a_policy_that_was_never_good_is_refused_by_default(kube: KubeEmulator, webhook: Any) -> None:
+    body = policy_body()
+    body["spec"]["providers"][0]["apiKey"] = {"env": "X"}
+    await create_policy(kube, body)
+    url = await webhook(NO_CACHE)
+
+    response = await admit(url, review(a_pod()))
+
+    assert response["allowed"] is False
+    assert response["status"]["message"].startswith('llmroute: LLMRoutePolicy "apps/support-bot" is invalid: ')
+    assert lag_events(kube, "support-bot") == []
 
 
 def a_pod_with_a_keys_volume() -> dict[str, Any]:
@@ -427,3 +490,90 @@ async def until(check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, w
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+async def test_a_host_network_pod_is_admitted_without_the_sidecar_unless_it_asks(
+    kube: KubeEmulator, webhook: Any
+) -> None:
+    await create_ready_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod()
+    pod["spec"]["hostNetwork"] = True
+
+    response = await admit(url, review(pod))
+
+    assert response["allowed"] is True and "patch" not in response
+    assert "llmroute.dev/inject-host-network" in response["warnings"][0]
+    asked = a_pod(**{"llmroute.dev/inject-host-network": "true"})
+    asked["spec"]["hostNetwork"] = True
+    assert applied(asked, await admit(url, review(asked)))["spec"]["initContainers"][0]["name"] == "llmroute"
+
+
+async def test_a_bad_resource_annotation_is_a_warning_not_a_refusal(kube: KubeEmulator, webhook: Any) -> None:
+    await create_ready_policy(kube, policy_body())
+    url = await webhook()
+    pod = a_pod(**{"llmroute.dev/sidecar-memory-limit": "a lot"})
+
+    response = await admit(url, review(pod))
+
+    sidecar = applied(pod, response)["spec"]["initContainers"][0]
+    assert sidecar["resources"]["limits"]["memory"] == "384Mi"
+    assert response["warnings"] == [
+        "llmroute: llmroute.dev/sidecar-memory-limit: 'a lot' is not a Kubernetes quantity; the default is kept"
+    ]
+
+
+class HeldSource:
+    """A policy source whose reads wait until released: a review stays in flight as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.reading, self.release = asyncio.Event(), asyncio.Event()
+
+    async def read_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reading.set()
+        await self.release.wait()
+        body = policy_body(name)
+        return {**body, "status": ready_status(body)}
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_shutdown_turns_unready_first_and_finishes_the_reviews_in_flight() -> None:
+    """SIGTERM (here: `stop`) must not drop a review the API server already sent: under failurePolicy
+    Ignore that pod would start without its sidecar, reported nowhere."""
+    settings = replace(SETTINGS, webhook_port=free_port(), relay_port=free_port(), shutdown_delay=0.5)
+    base = f"http://127.0.0.1:{settings.webhook_port}"
+    source, stop = HeldSource(), asyncio.Event()
+    server = asyncio.create_task(serve(settings, source, stop))
+
+    async def status_of(path: str) -> int | None:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(base + path) as answer:
+                return answer.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    try:
+        assert await until(lambda: status_of("/readyz"), what="the webhook") == 200
+        in_flight = asyncio.create_task(admit(base, review(a_pod())))
+        await asyncio.wait_for(source.reading.wait(), 10)
+
+        stop.set()
+        assert await until(lambda: _is(503, status_of("/readyz")), what="readiness off")
+        assert await status_of("/healthz") == 200  # still serving during the delay
+        source.release.set()
+
+        response = await asyncio.wait_for(in_flight, 10)
+        assert applied(a_pod(), response)["spec"]["initContainers"][0]["name"] == "llmroute"
+        await asyncio.wait_for(server, 10)
+        assert await status_of("/healthz") is None  # closed
+    finally:
+        stop.set()
+        source.release.set()
+        if not server.done():
+            await asyncio.wait_for(server, 10)
+
+
+async def _is(expected: int, status: Awaitable[int | None]) -> bool:
+    return await status == expected

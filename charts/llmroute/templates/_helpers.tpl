@@ -126,4 +126,6 @@ seccompProfile:
   value: {{ .Values.webhook.unknownPolicy | quote }}
 - name: LLMROUTE_SIDECAR_METRICS_PORT
   value: {{ .Values.monitoring.sidecarMetricsPort | quote }}
+- name: LLMROUTE_PROVIDER_HOSTS
+  value: {{ join "," .Values.operator.providerHosts | quote }}
 {{- end }}

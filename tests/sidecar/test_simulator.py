@@ -40,7 +40,7 @@ POLICY = ROOT / "examples" / "demo-policy.yaml"
 SHORT = """
 name: short
 duration: 40s
-speed: 4
+speed: 2  # a 2 s microspike is 1 s of real time: a busy machine does not skip it
 seed: 5
 traffic: {rate: 8}
 providers:
@@ -205,7 +205,8 @@ def test_seeded_runs_agree(tmp_path, monkeypatch):
     for run in range(2):
         out = tmp_path / f"run{run}.json"
         code = simulator_cli.main("simulate", [
-            "--scenario", str(SCENARIOS / "quick.yaml"), "--speed", "8", "--seed", "11",
+            # 4x, not faster: at 8x a 100 ms stall of a busy machine moves the recovery by most of a second.
+            "--scenario", str(SCENARIOS / "quick.yaml"), "--speed", "4", "--seed", "11",
             "--only", "retry-and-shed-8s", "--json", str(out),
         ])
         assert code == 0

@@ -102,7 +102,11 @@ def release(cluster: Cluster) -> Release:
         _webhook_tls_secret(Authority(f"{RELEASE}-webhook-ca"), ("127.0.0.1",)),
     )
     webhook_port = free_port()
-    values = ["--set", f"webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods"]
+    values = [
+        "--set", f"webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods",
+        # test_loop's fake providers listen on loopback: an admin adds the host to the operator's allowlist.
+        "--set", "operator.providerHosts={127.0.0.1}",
+    ]  # fmt: skip
     cluster.helm("install", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, *values)
     cluster.kubectl("wait", f"crd/{CRD}", "--for=condition=Established", "--timeout=60s")
     cluster.api(

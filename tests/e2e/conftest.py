@@ -191,6 +191,7 @@ def operator(release: Release, relay_port: int, tmp_path_factory: pytest.TempPat
         LLMROUTE_HEALTH_PORT=str(free_port()),
         LLMROUTE_STATUS_RELAY=f"http://127.0.0.1:{relay_port}",
         LLMROUTE_SHEDDING_REFRESH_INTERVAL="1",
+        LLMROUTE_CONFIGMAP_RESYNC_INTERVAL="2",  # the resync also reports uninjected pods; 30 s by default
     )
     component = Component("operator", [str(LLMROUTE), *_container(deployment)["args"]], env, workdir)
     component.start()

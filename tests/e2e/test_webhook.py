@@ -190,6 +190,46 @@ def test_a_pod_naming_an_unknown_policy_is_refused_with_the_webhooks_message(
 
 
 @pytest.fixture
+def injection_enabled_namespace(release: Release) -> Iterator[None]:
+    """The app namespace labelled `llmroute.dev/injection=enabled` for one test (then unlabelled)."""
+    path = f"/api/v1/namespaces/{APP_NAMESPACE}"
+    merge = "application/merge-patch+json"
+    label = "llmroute.dev/injection"
+    release.cluster.api("PATCH", path, {"metadata": {"labels": {label: "enabled"}}}, content_type=merge)
+    try:
+        yield
+    finally:
+        release.cluster.api("PATCH", path, {"metadata": {"labels": {label: None}}}, content_type=merge)
+
+
+def test_in_a_namespace_that_opted_in_pods_need_no_label_and_can_opt_out(
+    release: Release, webhook: Component, support_bot: dict[str, Any], injection_enabled_namespace: None
+) -> None:
+    cluster = release.cluster
+
+    def refused_by_the_namespace_webhook() -> str | None:  # until the server's namespace cache has the label
+        try:
+            cluster.api("POST", f"{PODS}?dryRun=All", pod("orphan", "no-such-policy", opt_in=False))
+        except ApiError as exc:
+            return str(exc.body["message"]) if exc.status == 403 else None
+        return None
+
+    message = wait_for("the namespace's label to select its pods", refused_by_the_namespace_webhook, timeout=30)
+    assert 'admission webhook "namespaces.pods.llmroute.dev" denied the request' in message
+
+    stored = cluster.api("POST", PODS, pod("by-namespace", "support-bot", opt_in=False))
+    try:
+        assert stored["spec"]["initContainers"][0]["name"] == SIDECAR_NAME
+    finally:
+        _delete_pod(cluster, "by-namespace")
+    opted_out = pod("opted-out", "support-bot", opt_in=False)
+    opted_out["metadata"]["labels"][OPT_IN_LABEL] = "false"
+    stored = cluster.api("POST", PODS, opted_out)
+    _delete_pod(cluster, "opted-out")
+    assert "initContainers" not in stored["spec"], "a pod's inject=false label keeps it out of the webhook"
+
+
+@pytest.fixture
 def webhook_down(release: Release, webhook: Component) -> Iterator[Component]:
     webhook.stop()
     try:
@@ -213,8 +253,16 @@ def test_with_the_webhook_down_pod_creation_follows_the_failure_policy(
         "namespaces.pods.llmroute.dev": "Ignore", BY_POD_LABEL: "Ignore",
     }, "the chart's documented default, on both opt-in webhooks"  # fmt: skip
     stored = cluster.api("POST", PODS, pod("while-down", "support-bot"))
-    _delete_pod(cluster, "while-down")
-    assert "initContainers" not in stored["spec"], "Ignore: admitted without the sidecar"
+    try:
+        assert "initContainers" not in stored["spec"], "Ignore: admitted without the sidecar"
+
+        def reported() -> dict[str, Any] | None:  # the operator lists pods and namespaces (its ClusterRole)
+            found = condition(cluster.get(f"{POLICIES}/support-bot"), "UninjectedPods")
+            return found if found and found["status"] == "True" else None
+
+        assert "while-down" in wait_for("UninjectedPods on support-bot", reported, timeout=30)["message"]
+    finally:
+        _delete_pod(cluster, "while-down")
 
     release.upgrade("--set", "webhook.failurePolicy=Fail")
     wait_for(

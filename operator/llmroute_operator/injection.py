@@ -25,7 +25,7 @@ else, on `settings.sidecar_health_port` of the pod IP (`LLMROUTE_HEALTH_LISTEN`)
 started per probe. A host-network pod (injected only when it asks, `HOST_NETWORK_ANNOTATION`) would
 open that port on the node, so it keeps exec probes. Resources come from the settings, overridden per
 pod by `RESOURCE_ANNOTATIONS`; the security context names no uid (the image's, or the platform's).
-Its metrics-only listener (`Settings.sidecar_metrics_port`, container port `llmroute-metrics`) also
+Its metrics-only listener (`Settings.sidecar_metrics_port`, container port `llmroute-metric`) also
 listens on the pod IP, for the chart's PodMonitor: app containers need no change to be scraped.
 """
 

@@ -22,8 +22,9 @@ SIDECAR_PORT = 8787
 SIDECAR_LISTEN = f"127.0.0.1:{SIDECAR_PORT}"
 SIDECAR_METRICS_PORT = 9787
 """The injected sidecar's metrics-only listener on the pod IP (`llmroute_sidecar.metricsport`)."""
-SIDECAR_METRICS_PORT_NAME = "llmroute-metrics"
-"""Its container port's name: what the chart's PodMonitor selects."""
+SIDECAR_METRICS_PORT_NAME = "llmroute-metric"
+"""Its container port's name: what the chart's PodMonitor selects. The API server refuses a port name
+longer than 15 characters (IANA_SVC_NAME), so `llmroute-metrics` would fail every injected pod."""
 POLICY_MOUNT_DIR = "/etc/llmroute"
 POLICY_FILE = f"{POLICY_MOUNT_DIR}/policy.json"
 
@@ -90,7 +91,7 @@ class Settings:
 
     sidecar_metrics_port: int = SIDECAR_METRICS_PORT
     """`LLMROUTE_SIDECAR_METRICS_PORT`: the port of the injected sidecar's metrics-only listener, named
-    `llmroute-metrics` for the chart's PodMonitor (0: no such listener; `/metrics` stays loopback-only)."""
+    `llmroute-metric` for the chart's PodMonitor (0: no such listener; `/metrics` stays loopback-only)."""
 
     webhook_port: int = 8443
     """`LLMROUTE_WEBHOOK_PORT`: the admission server (`POST /mutate-pods`, `/healthz`, `/readyz`)."""

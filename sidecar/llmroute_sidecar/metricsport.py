@@ -3,7 +3,7 @@
 Why a second listener: the sidecar's own address stays loopback-only (`127.0.0.1:8787`), because
 whoever reaches it spends the provider keys. Prometheus scrapes from another pod, at the pod IP. So
 `LLMROUTE_METRICS_LISTEN` (the injector sets `0.0.0.0:9787` and names the container port
-`llmroute-metrics`, which the chart's PodMonitor selects) opens a listener whose app has exactly two
+`llmroute-metric`, which the chart's PodMonitor selects) opens a listener whose app has exactly two
 routes: `GET /metrics` (the same exposition as the main listener's) and `GET /healthz`. Nothing else is
 routed there, so nothing that calls a provider is reachable off the pod. Unset: no second listener.
 A port it cannot bind (the app uses it) is logged as `metrics_listener_failed` and the sidecar serves the

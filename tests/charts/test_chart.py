@@ -777,7 +777,7 @@ def test_webhook_url_points_the_configuration_out_of_the_cluster_for_testing() -
     """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle; https only."""
     url = "https://127.0.0.1:9443/mutate-pods"
     hooks = only(render("--set", f"webhook.url={url}"), "MutatingWebhookConfiguration")["webhooks"]
-    assert len(hooks) == 2  # the namespace and the pod opt-in webhooks
+    assert len(hooks) == 2  # webhook.selection=labels: by namespace label and by pod label
     for hook in hooks:
         assert hook["clientConfig"]["url"] == url and "service" not in hook["clientConfig"]
         assert hook["clientConfig"]["caBundle"]

@@ -102,7 +102,11 @@ def release(cluster: Cluster) -> Release:
         _webhook_tls_secret(Authority(f"{RELEASE}-webhook-ca"), ("127.0.0.1",)),
     )
     webhook_port = free_port()
-    values = ["--set", f"webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods"]
+    values = [
+        "--set", f"webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods",
+        # test_loop's fake providers listen on loopback: an admin adds the host to the operator's allowlist.
+        "--set", "operator.providerHosts={127.0.0.1}",
+    ]  # fmt: skip
     cluster.helm("install", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, *values)
     cluster.kubectl("wait", f"crd/{CRD}", "--for=condition=Established", "--timeout=60s")
     cluster.api(
@@ -187,6 +191,7 @@ def operator(release: Release, relay_port: int, tmp_path_factory: pytest.TempPat
         LLMROUTE_HEALTH_PORT=str(free_port()),
         LLMROUTE_STATUS_RELAY=f"http://127.0.0.1:{relay_port}",
         LLMROUTE_SHEDDING_REFRESH_INTERVAL="1",
+        LLMROUTE_CONFIGMAP_RESYNC_INTERVAL="2",  # the resync also reports uninjected pods; 30 s by default
     )
     component = Component("operator", [str(LLMROUTE), *_container(deployment)["args"]], env, workdir)
     component.start()

@@ -44,7 +44,9 @@ CLAUDE_API_COMPONENT = "k8w3r06qmzrp"
 
 
 def loop_policy(primary: FakeProvider, fallback: FakeProvider, page: FakeStatusPage) -> dict[str, Any]:
-    """Two routes, each primary on its own provider (one watches the status page), one fallback."""
+    """Two routes, each primary on its own provider (one watches the status page), one fallback. The fakes
+    speak plain http on loopback: each provider opts in (allowPlainHTTP), and the release allowlists
+    127.0.0.1 (operator.providerHosts)."""
 
     def key(name: str) -> dict[str, Any]:
         return {"secretKeyRef": {"name": KEYS_SECRET, "key": name}}
@@ -69,6 +71,7 @@ def loop_policy(primary: FakeProvider, fallback: FakeProvider, page: FakeStatusP
                     "name": "claude",
                     "type": "anthropic",
                     "baseURL": primary.anthropic_base_url,
+                    "allowPlainHTTP": True,
                     "apiKey": key("anthropic"),
                     "statusPage": {
                         "url": f"{page.url}/api/v2/summary.json",
@@ -78,8 +81,9 @@ def loop_policy(primary: FakeProvider, fallback: FakeProvider, page: FakeStatusP
                     },
                 },
                 {"name": "claude-direct", "type": "anthropic", "baseURL": primary.anthropic_base_url,
-                 "apiKey": key("anthropic")},
-                {"name": "gpt", "type": "openai", "baseURL": fallback.openai_base_url, "apiKey": key("openai")},
+                 "allowPlainHTTP": True, "apiKey": key("anthropic")},
+                {"name": "gpt", "type": "openai", "baseURL": fallback.openai_base_url, "allowPlainHTTP": True,
+                 "apiKey": key("openai")},
             ],
             "defaultRoute": "chat",
             "routes": [route("chat", "claude"), route("summarize", "claude-direct")],

@@ -17,6 +17,7 @@ from tests.e2e.conftest import (
     RELEASE,
     Component,
     Release,
+    chart_environment,
     condition,
     policy_manifest,
     wait_reconciled,
@@ -166,3 +167,34 @@ def cluster_can_i(cluster: Cluster, kubeconfig: str, verb: str, resource: str) -
         return cluster.kubectl("auth", "can-i", *question, "-n", APP_NAMESPACE, kubeconfig=Path(kubeconfig)).strip()
     except subprocess.CalledProcessError as exc:
         return str(exc.stdout).strip()
+
+
+def test_with_check_secrets_off_the_operator_has_no_secret_access_and_missing_secret_is_unknown(
+    release: Release, operator: Component, app_keys: dict[str, str]
+) -> None:
+    """operator.checkSecrets=false: the chart grants no Secret verb at all, the operator (restarted with the
+    re-rendered environment) reads none, and a policy is Ready with MissingSecret Unknown, not a 403 loop."""
+    cluster = release.cluster
+    kubeconfig = operator.env["KUBECONFIG"]
+    release.upgrade("--set", "operator.checkSecrets=false")
+    rendered = chart_environment(release.manifest("Deployment", f"{RELEASE}-operator"))
+    assert rendered["LLMROUTE_CHECK_SECRETS"] == "false"
+    chart_env = operator.env
+    operator.stop()
+    logged = len(operator.log())
+    operator.env = {**chart_env, "LLMROUTE_CHECK_SECRETS": rendered["LLMROUTE_CHECK_SECRETS"]}
+    operator.start()
+    try:
+        wait_for("Secret get to be revoked", lambda: cluster_can_i(cluster, kubeconfig, "get", "secrets") == "no")
+        cluster.apply(policy_manifest("unchecked"))
+        policy = wait_reconciled(cluster, "unchecked")
+        missing = condition(policy, "MissingSecret")
+        assert missing is not None and (missing["status"], missing["reason"]) == ("Unknown", "NotChecked")
+        assert " 403" not in operator.log()[logged:] and "Forbidden" not in operator.log()[logged:]
+    finally:
+        operator.stop()
+        operator.env = chart_env
+        release.upgrade()
+        operator.start()
+    wait_for("Secret get to be granted again", lambda: cluster_can_i(cluster, kubeconfig, "get", "secrets") == "yes")
+    cluster.kubectl("delete", "-n", APP_NAMESPACE, "lrp", "unchecked", "--wait=false")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import jsonpatch
@@ -25,6 +26,18 @@ def test_the_sidecar_gets_a_named_metrics_port_on_the_pod_ip_and_the_app_is_unto
         assert after.get("ports") == before.get("ports")  # no port of ours on app containers
         assert "LLMROUTE_METRICS_LISTEN" not in env(after)
     assert pod["metadata"]["labels"] == original["metadata"]["labels"]
+
+
+def test_every_sidecar_port_name_is_one_the_api_server_accepts() -> None:
+    """IANA_SVC_NAME, as the API server validates a container port name (the offline OpenAPI schema has no
+    such rule, so only `make e2e` saw `llmroute-metrics` refused): at most 15 characters, lowercase letters,
+    digits and single inner hyphens, at least one letter."""
+    sidecar = patched(a_pod())["spec"]["initContainers"][0]
+    names = [port["name"] for port in sidecar["ports"]]
+    assert names == [SIDECAR_METRICS_PORT_NAME]
+    for name in names:
+        assert len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name), name
+        assert "--" not in name and re.search(r"[a-z]", name), name
 
 
 def test_a_zero_metrics_port_injects_no_listener() -> None:

@@ -208,7 +208,9 @@ async def test_u22_an_untranslatable_request_gets_the_primarys_error_even_with_i
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}
     async with FakeProvider("primary") as primary, FakeProvider("fallback") as fallback:
         primary.default = Fail(503, error_type="api_error", message="the primary is down")
-        async with cli_sidecar(write_policy(tmp_path, primary, fallback), ENV) as sidecar:
+        # maxAttempts above what the 400 ms budget fits: the first request's retries outlast openAfter.
+        policy = write_policy(tmp_path, primary, fallback, route={"maxAttempts": 20})
+        async with cli_sidecar(policy, ENV) as sidecar:
             async with anthropic_client(sidecar.url, "anthropic") as claude:
                 for stream in (False, True, False, True):
                     with pytest.raises(anthropic.InternalServerError) as raised:

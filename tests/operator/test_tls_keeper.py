@@ -12,9 +12,11 @@ import datetime
 import json
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kmock
 import kopf
 import pytest
@@ -24,10 +26,12 @@ from cryptography import x509
 from llmroute_operator.certificates import DAY, Lifetimes, TlsState, dns_names_of
 from llmroute_operator.kubeapi import KubeApi, KubeApiError
 from llmroute_operator.settings import Settings
-from llmroute_operator.tls_keeper import TlsKeeper
-from llmroute_operator.webhooks import WebhookTls, tls_keeper
+from llmroute_operator.tls_keeper import TlsKeeper, utc_now
+from llmroute_operator.webhooks import WebhookTls, serve, tls_keeper
 
 from .kube_emulator import KubeEmulator
+from .test_webhook_http import SETTINGS, free_port
+from .test_webhook_tls_reload import EmptySource, presented, until
 
 NAMESPACE, SECRET, CONFIGURATION = "llmroute-system", "llmroute-webhook-certs", "llmroute"
 SECRETS = kmock.resource("", "v1", "secrets")
@@ -76,10 +80,14 @@ async def api(kube: KubeEmulator) -> AsyncIterator[KubeApi]:
         await client.close()
 
 
-def keeper(api: KubeApi, directory: Path, clock: Clock) -> TlsKeeper:
+SHORT_CA = Lifetimes(ca=730 * DAY)
+"""The defaults but a 2-year CA (renewed a year ahead), so a CA rotation comes after a few leaf renewals."""
+
+
+def keeper(api: KubeApi, directory: Path, clock: Clock, lifetimes: Lifetimes = SHORT_CA) -> TlsKeeper:
     return TlsKeeper(
         api, namespace=NAMESPACE, secret=SECRET, configuration=CONFIGURATION, dns_names=NAMES,
-        directory=directory, clock=clock,
+        directory=directory, clock=clock, lifetimes=lifetimes,
     )  # fmt: skip
 
 
@@ -131,6 +139,8 @@ async def test_two_replicas_rotate_leaf_and_ca_without_a_moment_of_distrust(
 
     # Install: both replicas start at once, one CA results (the loser of the write re-read).
     await asyncio.gather(first.check(), second.check())
+    # Had the loser overwritten the winner's write, one replica would serve a leaf the Secret no longer holds.
+    assert served(first.directory) == served(second.directory) == stored_secret(kube).leaf
     leaf, bundle = await check_all()
     [ca] = bundle
     assert sorted(dns_names_of(leaf)) == sorted(NAMES)
@@ -201,3 +211,67 @@ async def test_a_missing_secret_or_configuration_is_reported(kube: KubeEmulator,
     assert served(tmp_path) == state.leaf
     hooks: list[dict[str, Any]] = kube.objects[CONFIGURATIONS, None, CONFIGURATION]["webhooks"]
     assert all("caBundle" not in hook["clientConfig"] for hook in hooks), json.dumps(hooks)
+
+
+async def readyz_trusting(port: int, bundle: bytes) -> int:
+    """A fully verified HTTPS request, as the API server makes it: trusting the caBundle, checking the name."""
+    trust = ssl.create_default_context(cadata=bundle.decode())
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session,
+        session.get(f"https://127.0.0.1:{port}/readyz", server_hostname=NAMES[2]) as answer,
+    ):
+        return answer.status
+
+
+async def test_the_served_certificate_follows_the_secret_and_the_bundle_stays_trusted(
+    kube: KubeEmulator, api: KubeApi, tmp_path: Path
+) -> None:
+    """The real `serve()` in operator mode: unready (no certificate) until its keeper writes the pair, then
+    verified by the caBundle the keeper set; after a leaf renewal, a new certificate under the same bundle."""
+    settings = replace(
+        SETTINGS, webhook_tls_dir=str(tmp_path), webhook_port=free_port(), relay_port=free_port(),
+        webhook_tls_secret=f"{NAMESPACE}/{SECRET}", webhook_configuration=CONFIGURATION, webhook_dns_names=NAMES,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, EmptySource(), stop, tls_reload_interval=0.1))
+    try:
+        clock = Clock()
+        clock.now = utc_now()  # the TLS client checks validity against the real time
+        replica = keeper(api, tmp_path, clock)
+        with pytest.raises((OSError, aiohttp.ClientError)):  # listening, but no certificate to show yet
+            await asyncio.wait_for(presented(settings.webhook_port), 5)
+        await replica.check()
+        bundle = stored_secret(kube).bundle()
+        assert (
+            base64.b64decode(
+                kube.objects[CONFIGURATIONS, None, CONFIGURATION]["webhooks"][0]["clientConfig"]["caBundle"]
+            )
+            == bundle
+        )
+
+        async def answers() -> bool:
+            try:
+                return await readyz_trusting(settings.webhook_port, bundle) == 200
+            except (OSError, aiohttp.ClientError):
+                return False
+
+        await until(answers, "the webhook to serve the keeper's certificate")
+        first = await presented(settings.webhook_port)
+
+        # The leaf falls due (here: a renewal window as long as its life, so now, not weeks ahead; no
+        # grace period, which would otherwise hold a due leaf back while the CA is younger than an hour).
+        due_now = TlsKeeper(
+            api, namespace=NAMESPACE, secret=SECRET, configuration=CONFIGURATION, dns_names=NAMES,
+            directory=tmp_path, clock=clock, lifetimes=Lifetimes(leaf_renew_before=Lifetimes().leaf, grace=datetime.timedelta(0)),
+        )  # fmt: skip
+        await due_now.check()
+        assert stored_secret(kube).bundle() == bundle
+
+        async def renewed() -> bool:
+            return await presented(settings.webhook_port) != first
+
+        await until(renewed, "the renewed certificate")
+        assert await readyz_trusting(settings.webhook_port, bundle) == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 15)

@@ -842,12 +842,15 @@ def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
 
 
 def test_webhook_url_points_the_configuration_out_of_the_cluster_for_testing() -> None:
-    """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle; https only."""
+    """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle (helm mode: the
+    default operator mode refuses it, its certificate names the Service only); https only."""
     url = "https://127.0.0.1:9443/mutate-pods"
     hooks = only(render("--set", f"webhook.url={url}", *VARIANTS["helm-tls"]), "MutatingWebhookConfiguration")
     for hook in hooks["webhooks"]:
         assert hook["clientConfig"]["url"] == url and "service" not in hook["clientConfig"]
         assert hook["clientConfig"]["caBundle"]
+    result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", f"webhook.url={url}")
+    assert result.returncode != 0 and "needs webhook.tls.mode=helm" in result.stderr, result.stderr
     for refused in ("http://127.0.0.1:9443/mutate-pods", "https://", "127.0.0.1:9443"):
         result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", f"webhook.url={refused}")
         assert result.returncode != 0 and "/webhook/url" in result.stderr, (refused, result.stderr)

@@ -506,7 +506,10 @@ class WebhookTls:
 
     def _report(self, identity: object, exc: Exception) -> None:
         if (identity, str(exc)) != self._reported:
-            log.warning("webhook TLS: keeping the previous certificate, cannot load %s: %s", self.cert, exc)
+            if self._loaded is None:  # nothing served yet: the keeper has not written the pair
+                log.info("webhook TLS: no certificate to serve yet (unready until there is): %s", exc)
+            else:
+                log.warning("webhook TLS: keeping the previous certificate, cannot load %s: %s", self.cert, exc)
             self._reported = (identity, str(exc))
 
 

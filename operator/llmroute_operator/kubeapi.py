@@ -90,6 +90,7 @@ class KubeApi:
         self._client = api_client
         self._core = kube.CoreV1Api(api_client)
         self._custom = kube.CustomObjectsApi(api_client)
+        self._admission = kube.AdmissionregistrationV1Api(api_client)
         self._timeout: dict[str, Any] = {"_request_timeout": request_timeout} if request_timeout else {}
         self._list_timeout: dict[str, Any] = {"_request_timeout": list_timeout} if list_timeout else {}
 
@@ -184,6 +185,46 @@ class KubeApi:
             _raise_unless_missing(exc)
             return None
         return sorted({*(secret.data or {}), *(secret.string_data or {})})
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A whole Secret, values included (only the webhook's own TLS Secret: its RBAC names that one)."""
+        try:
+            with _transport_errors():
+                return self._plain(await self._core.read_namespaced_secret(name, namespace, **self._timeout))
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+            return None
+
+    async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch a Secret; a `metadata.resourceVersion` in `patch` makes a stale write a 409."""
+        try:
+            with _transport_errors():
+                result = await self._core.patch_namespaced_secret(
+                    name, namespace, dict(patch), _content_type="application/merge-patch+json", **self._timeout
+                )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
+        return self._plain(result)
+
+    async def read_webhook_configuration(self, name: str) -> dict[str, Any] | None:
+        """A MutatingWebhookConfiguration, or None when there is none of that name."""
+        try:
+            with _transport_errors():
+                found = await self._admission.read_mutating_webhook_configuration(name, **self._timeout)
+        except kube.ApiException as exc:
+            _raise_unless_missing(exc)
+            return None
+        return self._plain(found)
+
+    async def patch_webhook_configuration(self, name: str, operations: list[dict[str, Any]]) -> None:
+        """Apply a JSON patch (RFC 6902, `test` operations included) to a MutatingWebhookConfiguration."""
+        try:
+            with _transport_errors():
+                await self._admission.patch_mutating_webhook_configuration(
+                    name, operations, _content_type="application/json-patch+json", **self._timeout
+                )
+        except kube.ApiException as exc:
+            raise _error(exc) from None
 
     async def read_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

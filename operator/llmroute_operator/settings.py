@@ -110,6 +110,17 @@ class Settings:
     """`LLMROUTE_WEBHOOK_TLS_DIR`: holds `tls.crt` and `tls.key`; without them the admission server
     speaks plain HTTP (local runs and tests only: the API server requires TLS)."""
 
+    webhook_tls_secret: str | None = None
+    """`LLMROUTE_WEBHOOK_TLS_SECRET`, `namespace/name`: set (the chart's `webhook.tls.mode: operator`),
+    the webhook keeps its CA and serving certificate in that Secret itself (`tls_keeper.py`), serves
+    them from `webhook_tls_dir`, and sets the CA bundle on `webhook_configuration`."""
+
+    webhook_configuration: str = "llmroute"
+    """`LLMROUTE_WEBHOOK_CONFIGURATION`: the MutatingWebhookConfiguration whose caBundle it keeps."""
+
+    webhook_dns_names: tuple[str, ...] = ()
+    """`LLMROUTE_WEBHOOK_DNS_NAMES`, comma-separated: the names of its serving certificate (the Service's)."""
+
     unknown_policy: Literal["refuse", "allow"] = "refuse"
     """`LLMROUTE_UNKNOWN_POLICY`: a pod naming a policy that does not exist (or is invalid) is
     refused with a message saying so (`refuse`), or admitted without the sidecar (`allow`)."""
@@ -180,6 +191,7 @@ class Settings:
         names("LLMROUTE_NAMESPACES", "namespaces")
         names("LLMROUTE_SKIP_NAMESPACES", "skip_namespaces")
         names("LLMROUTE_PROVIDER_HOSTS", "provider_hosts")
+        names("LLMROUTE_WEBHOOK_DNS_NAMES", "webhook_dns_names")
         values["provider_hosts"] = tuple(dict.fromkeys((*DEFAULT_PROVIDER_HOSTS, *values.get("provider_hosts", ()))))
         values["peering"] = get("LLMROUTE_PEERING")
         number("LLMROUTE_HEALTH_PORT", "health_port", int)
@@ -201,6 +213,8 @@ class Settings:
             ("LLMROUTE_SIDECAR_IMAGE", "sidecar_image"),
             ("LLMROUTE_SIDECAR_IMAGE_PULL_POLICY", "sidecar_image_pull_policy"),
             ("LLMROUTE_STATUS_RELAY", "status_relay"),
+            ("LLMROUTE_WEBHOOK_TLS_SECRET", "webhook_tls_secret"),
+            ("LLMROUTE_WEBHOOK_CONFIGURATION", "webhook_configuration"),
         ):
             if (raw := get(name)) is not None:
                 values[key] = raw
@@ -217,6 +231,11 @@ class Settings:
             if unknown not in ("refuse", "allow"):
                 raise SettingsError(f"LLMROUTE_UNKNOWN_POLICY: expected refuse or allow, got {unknown!r}")
             values["unknown_policy"] = unknown
+        secret = values.get("webhook_tls_secret")
+        if secret is not None and (secret.count("/") != 1 or not all(secret.split("/"))):
+            raise SettingsError(f"LLMROUTE_WEBHOOK_TLS_SECRET: expected namespace/name, got {secret!r}")
+        if secret is not None and not values.get("webhook_dns_names"):
+            raise SettingsError("LLMROUTE_WEBHOOK_DNS_NAMES: needed with LLMROUTE_WEBHOOK_TLS_SECRET")
         resources = get("LLMROUTE_SIDECAR_RESOURCES")
         if resources is not None:
             values["sidecar_resources"] = _parse_resources(resources)

@@ -19,7 +19,8 @@ the sidecar's volume names, is refused, or admitted without the sidecar, per
 watch); while that cache is not filled (or, with a direct source, the API is down or slower than
 `API_READ_TIMEOUT`), the answer is HTTP 500, so the API server applies the webhook's `failurePolicy`.
 
-The TLS certificate is re-read when its files change (cert-manager rotates it in the mounted Secret).
+The TLS certificate is re-read when its files change (cert-manager rotates it in the mounted Secret;
+with `LLMROUTE_WEBHOOK_TLS_SECRET`, this process's `TlsKeeper` writes them).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .injection import (
 from .kubeapi import KubeApi, KubeApiError
 from .reconcile import READY, load_cluster_policy, policy_event
 from .settings import DEFAULT_PROVIDER_HOSTS, Settings, SettingsError
+from .tls_keeper import TlsApi, TlsKeeper
 
 if TYPE_CHECKING:
     from llmroute_sidecar.statusboard import StatusBoard
@@ -466,12 +468,17 @@ class WebhookTls:
     previous certificate is served, and the problem is logged once per state of the files.
     """
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    def __init__(self, cert: Path, key: Path, *, wait: bool = False) -> None:
+        """`wait`: the files may not exist yet (`TlsKeeper` writes them); until they do, every handshake
+        fails, so the replica stays unready and the API server applies the failurePolicy."""
         self.cert, self.key = cert, key
         self.context = _server_context()
+        self._reported: object = None
+        self._loaded: tuple[Fingerprint, Fingerprint] | None = None
+        if wait and not (cert.is_file() and key.is_file()):
+            return
         self._loaded = self._identity()  # taken before loading: a change during the load is seen next time
         self.context.load_cert_chain(cert, key)
-        self._reported: object = None
 
     def _identity(self) -> tuple[Fingerprint, Fingerprint]:
         return (file_fingerprint(self.cert), file_fingerprint(self.key))
@@ -499,14 +506,20 @@ class WebhookTls:
 
     def _report(self, identity: object, exc: Exception) -> None:
         if (identity, str(exc)) != self._reported:
-            log.warning("webhook TLS: keeping the previous certificate, cannot load %s: %s", self.cert, exc)
+            if self._loaded is None:  # nothing served yet: the keeper has not written the pair
+                log.info("webhook TLS: no certificate to serve yet (unready until there is): %s", exc)
+            else:
+                log.warning("webhook TLS: keeping the previous certificate, cannot load %s: %s", self.cert, exc)
             self._reported = (identity, str(exc))
 
 
 def webhook_tls(settings: Settings) -> WebhookTls | None:
-    """The server TLS from `tls.crt`/`tls.key`, or None when the directory has none."""
+    """The server TLS from `tls.crt`/`tls.key`, or None when the directory has none (and no `TlsKeeper`
+    will write them: with `webhook_tls_secret`, it waits for them)."""
     directory = Path(settings.webhook_tls_dir)
     cert, key = directory / "tls.crt", directory / "tls.key"
+    if settings.webhook_tls_secret:
+        return WebhookTls(cert, key, wait=True)
     if not (cert.is_file() and key.is_file()):
         return None
     return WebhookTls(cert, key)
@@ -569,6 +582,17 @@ async def connect_api(connection: kopf.ConnectionInfo | None = None) -> KubeApi:
     return await KubeApi.connect(connection, request_timeout=API_READ_TIMEOUT, list_timeout=API_LIST_TIMEOUT)
 
 
+def tls_keeper(settings: Settings, api: TlsApi) -> TlsKeeper | None:
+    """The keeper of the webhook's own certificates (`webhook.tls.mode: operator`), or None."""
+    if not settings.webhook_tls_secret:
+        return None
+    namespace, name = settings.webhook_tls_secret.split("/")
+    return TlsKeeper(
+        api, namespace=namespace, secret=name, configuration=settings.webhook_configuration,
+        dns_names=settings.webhook_dns_names, directory=Path(settings.webhook_tls_dir),
+    )  # fmt: skip
+
+
 async def _main(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -577,8 +601,9 @@ async def _main(settings: Settings) -> None:
             loop.add_signal_handler(signum, stop.set)
     api = await connect_api()
     informer = PolicyInformer(api)
+    keeper = tls_keeper(settings, api)
     try:
-        async with _background(informer.run()):
+        async with _background(informer.run()), _background(None if keeper is None else keeper.run()):
             await serve(settings, informer, stop, events=api)
     finally:
         await api.close()

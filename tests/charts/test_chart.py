@@ -45,6 +45,7 @@ CLUSTER_SCOPED = {
 VARIANTS: dict[str, tuple[str, ...]] = {
     "defaults": (),
     "cert-manager": ("--set", "certManager.enabled=true"),
+    "helm-tls": ("--set", "webhook.tls.mode=helm"),
     "cert-manager-issuer": (
         "--set",
         "certManager.enabled=true",
@@ -223,11 +224,52 @@ def test_webhook_reaches_the_server_through_service_and_ports(values: tuple[str,
         assert ports[port["targetPort"]] == listening == int(env(deployment)["LLMROUTE_WEBHOOK_PORT"])
     ready = container(deployment)["readinessProbe"]["httpGet"]
     assert {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}[ready["port"]] == listening
+    # webhook.tls.mode=operator (default): the webhook writes its pair into its own writable directory.
+    mounts = {m["name"]: m["mountPath"] for m in container(deployment)["volumeMounts"]}
+    assert "tls" not in mounts and env(deployment)["LLMROUTE_WEBHOOK_TLS_DIR"].startswith(mounts["tmp"] + "/")
+
+
+@pytest.mark.parametrize("variant", ["helm-tls", "cert-manager"])
+def test_webhook_mounts_the_tls_secret_helm_or_cert_manager_fill(variant: str) -> None:
+    manifests = render(*VARIANTS[variant])
+    deployment = only(manifests, "Deployment", "-webhook")
     mounts = {m["name"]: m["mountPath"] for m in container(deployment)["volumeMounts"]}
     assert mounts["tls"] == env(deployment)["LLMROUTE_WEBHOOK_TLS_DIR"] == "/etc/llmroute/tls"
+    assert "LLMROUTE_WEBHOOK_TLS_SECRET" not in env(deployment)
     [tls] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
     assert {item["path"] for item in tls["secret"]["items"]} == {"tls.crt", "tls.key"}
-    assert tls["secret"]["secretName"] == only(manifests, "Secret", "-webhook-tls")["metadata"]["name"]
+    assert tls["secret"]["secretName"] == f"{RELEASE}-webhook-tls"
+
+
+def test_default_tls_renders_no_key_material_and_the_same_output_every_time() -> None:
+    """webhook.tls.mode=operator: two renders (an Argo CD sync each) are identical; the webhook makes the
+    CA and leaf into an empty Secret and sets the caBundle itself, for the names of its Service."""
+    from llmroute_operator.settings import Settings
+
+    def template() -> str:
+        result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBERNETES_VERSION)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first = template()
+    assert template() == first
+    assert "PRIVATE KEY" not in first and "BEGIN CERTIFICATE" not in first
+    manifests = render()
+    secret = only(manifests, "Secret", "-webhook-certs")
+    assert secret["type"] == "Opaque" and "data" not in secret and "stringData" not in secret
+    configuration = only(manifests, "MutatingWebhookConfiguration")
+    assert all("caBundle" not in hook["clientConfig"] for hook in configuration["webhooks"])
+    assert "annotations" not in configuration["metadata"]
+    settings = Settings.from_env(env(only(manifests, "Deployment", "-webhook")))
+    assert settings.webhook_tls_secret == f"{NAMESPACE}/{secret['metadata']['name']}"
+    assert settings.webhook_configuration == configuration["metadata"]["name"]
+    service = only(manifests, "Service", "-webhook")["metadata"]["name"]
+    assert f"{service}.{NAMESPACE}.svc" in settings.webhook_dns_names  # the name the API server verifies
+    # The same names as the certificate helm mode generates.
+    helm_secret = only(render(*VARIANTS["helm-tls"]), "Secret", "-webhook-tls")
+    serving = x509.load_pem_x509_certificate(base64.b64decode(helm_secret["data"]["tls.crt"]))
+    names = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(names.get_values_for_type(x509.DNSName)) == sorted(settings.webhook_dns_names)
 
 
 def test_status_relay_url_reaches_the_relay_port() -> None:
@@ -334,7 +376,7 @@ def _verify(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
 
 
 def test_self_signed_tls_ca_bundle_signed_the_serving_certificate() -> None:
-    manifests = render()
+    manifests = render(*VARIANTS["helm-tls"])
     secret = only(manifests, "Secret", "-webhook-tls")
     assert secret["type"] == "kubernetes.io/tls"
     for hook in only(manifests, "MutatingWebhookConfiguration")["webhooks"]:
@@ -448,7 +490,7 @@ def test_operator_and_webhook_deployments() -> None:
 
 def test_rbac_is_least_privilege() -> None:
     manifests = render()
-    roles = {m["metadata"]["name"]: m["rules"] for m in manifests if m["kind"] == "ClusterRole"}
+    roles = {m["metadata"]["name"]: m["rules"] for m in manifests if m["kind"] in ("ClusterRole", "Role")}
     granted: dict[str, dict[tuple[str, str], set[str]]] = {}
     for name, rules in roles.items():
         granted[name] = {}
@@ -475,7 +517,30 @@ def test_rbac_is_least_privilege() -> None:
     assert granted["llmroute-webhook"] == {
         ("llmroute.dev", "llmroutepolicies"): {"list", "watch"},  # the informer: no read per admission
         ("", "events"): {"create"},  # InjectedLastGoodConfig
+        # webhook.tls.mode=operator: its own configuration's caBundle, by name
+        ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): {"get", "patch"},
     }
+    [caBundle] = [rule for rule in roles["llmroute-webhook"] if "resourceNames" in rule]
+    assert caBundle["resourceNames"] == [only(manifests, "MutatingWebhookConfiguration")["metadata"]["name"]]
+    # Its own TLS Secret, by name, in its own namespace (a Role): read and merge-patch, no create or list.
+    [role] = [m for m in manifests if m["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [f"{RELEASE}-webhook-certs"],
+         "verbs": ["get", "patch"]}
+    ]  # fmt: skip
+    [role_binding] = [m for m in manifests if m["kind"] == "RoleBinding"]
+    assert role_binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert role_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-webhook", "namespace": NAMESPACE}
+    ]
+    for variant in ("helm-tls", "cert-manager"):  # nothing of it in the other modes
+        other = render(*VARIANTS[variant])
+        assert not [m for m in other if m["kind"] in ("Role", "RoleBinding")]
+        [webhook_role] = [
+            m for m in other if m["kind"] == "ClusterRole" and m["metadata"]["name"] == "llmroute-webhook"
+        ]
+        assert all("mutatingwebhookconfigurations" not in rule["resources"] for rule in webhook_role["rules"])
     # Aggregated into Kubernetes' own view/edit/admin roles, bound to nobody by the chart.
     assert granted["llmroute-view"] == {
         ("llmroute.dev", "llmroutepolicies"): {"get", "list", "watch"},
@@ -521,6 +586,7 @@ CLIENT_RESOURCES = {
     "event": ("", "events"),
     "pod": ("", "pods"),
     "namespace": ("", "namespaces"),
+    "mutating_webhook_configuration": ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
 }
 
 
@@ -538,7 +604,7 @@ def _code_grants(*modules: str, served_elsewhere: frozenset[str] = frozenset()) 
         calls[method.name] = set()
         for node in ast.walk(method):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
-                if node.value.attr not in ("_core", "_custom"):
+                if node.value.attr not in ("_core", "_custom", "_admission"):
                     continue
                 match = re.fullmatch(r"([a-z]+)_(?:namespaced_|cluster_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
                 assert match and match.group(1) in CLIENT_VERBS, node.attr
@@ -579,7 +645,7 @@ def test_rbac_is_exactly_what_the_code_calls() -> None:
     """The operator's grants are kopf's needs plus the KubeApi calls its handlers make; the webhook's are
     the KubeApi calls the admission server and relay make. A new call fails here until RBAC has it, and
     a grant no code uses fails here too."""
-    roles = {m["metadata"]["name"]: m["rules"] for m in render() if m["kind"] == "ClusterRole"}
+    roles = {m["metadata"]["name"]: m["rules"] for m in render() if m["kind"] in ("ClusterRole", "Role")}
 
     def granted(role: str) -> dict[tuple[str, str], set[str]]:
         found: dict[tuple[str, str], set[str]] = {}
@@ -596,9 +662,11 @@ def test_rbac_is_exactly_what_the_code_calls() -> None:
     # The webhook's PolicySource is the informer in production (webhooks._main): its read_policy and
     # list_policies answer from memory; only the informer's list and watch reach the API.
     policy_source = frozenset({"read_policy", "list_policies"})
-    assert granted("llmroute-webhook") == _code_grants("webhooks.py", served_elsewhere=policy_source) | _code_grants(
+    # Its Role (its own TLS Secret) and ClusterRole together: webhook.tls.mode=operator's keeper included.
+    webhook = granted("llmroute-webhook") | granted("llmroute-webhook-certs")
+    assert webhook == _code_grants("webhooks.py", served_elsewhere=policy_source) | _code_grants(
         "informer.py"
-    )
+    ) | _code_grants("tls_keeper.py")
 
 
 def test_one_operator_replica_runs_standalone_and_is_recreated() -> None:
@@ -742,7 +810,7 @@ def test_the_operator_reads_the_environment_the_chart_sets() -> None:
         assert settings.status_relay == f"http://{RELEASE}-relay.{NAMESPACE}.svc:8080"
         assert settings.sidecar_image == "ghcr.io/llmroute/llmroute:0.1.0"
     webhook = Settings.from_env(env(only(manifests, "Deployment", "-webhook")))
-    assert (webhook.webhook_port, webhook.relay_port, webhook.webhook_tls_dir) == (8443, 8080, "/etc/llmroute/tls")
+    assert (webhook.webhook_port, webhook.relay_port, webhook.webhook_tls_dir) == (8443, 8080, "/tmp/tls")
     assert NAMESPACE in webhook.skip_namespaces and webhook.unknown_policy == "refuse"
     assert webhook.peering is None  # standalone kopf: one replica, Recreate
     assert Settings.from_env(env(only(manifests, "Deployment", "-operator"))).health_port == 8081
@@ -774,13 +842,16 @@ def test_install_steps_agree_in_readme_notes_and_the_e2e_script() -> None:
 
 
 def test_webhook_url_points_the_configuration_out_of_the_cluster_for_testing() -> None:
-    """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle; https only."""
+    """`webhook.url` (make e2e): the API server calls that URL, with the chart's caBundle (helm mode: the
+    default operator mode refuses it, its certificate names the Service only); https only."""
     url = "https://127.0.0.1:9443/mutate-pods"
-    hooks = only(render("--set", f"webhook.url={url}"), "MutatingWebhookConfiguration")["webhooks"]
-    assert len(hooks) == 2  # webhook.selection=labels: by namespace label and by pod label
-    for hook in hooks:
+    hooks = only(render("--set", f"webhook.url={url}", *VARIANTS["helm-tls"]), "MutatingWebhookConfiguration")
+    assert len(hooks["webhooks"]) == 2  # webhook.selection=labels: by namespace label and by pod label
+    for hook in hooks["webhooks"]:
         assert hook["clientConfig"]["url"] == url and "service" not in hook["clientConfig"]
         assert hook["clientConfig"]["caBundle"]
+    result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", f"webhook.url={url}")
+    assert result.returncode != 0 and "needs webhook.tls.mode=helm" in result.stderr, result.stderr
     for refused in ("http://127.0.0.1:9443/mutate-pods", "https://", "127.0.0.1:9443"):
         result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", f"webhook.url={refused}")
         assert result.returncode != 0 and "/webhook/url" in result.stderr, (refused, result.stderr)

@@ -68,3 +68,22 @@ def test_kopf_peers_and_limits_namespaces_when_configured() -> None:
     assert options["standalone"] is False and options["peering_name"] == "llmroute"
     assert options["clusterwide"] is False and options["namespaces"] == ["team-a"]
     assert operator_options(Settings(peering="llmroute"), standalone=True)["standalone"] is True
+
+
+def test_the_webhook_keeps_its_own_tls_only_with_a_secret_and_names() -> None:
+    assert Settings.from_env({}).webhook_tls_secret is None
+    settings = Settings.from_env(
+        {
+            "LLMROUTE_WEBHOOK_TLS_SECRET": "llmroute-system/llmroute-webhook-certs",
+            "LLMROUTE_WEBHOOK_CONFIGURATION": "llmroute",
+            "LLMROUTE_WEBHOOK_DNS_NAMES": "llmroute-webhook, llmroute-webhook.llmroute-system.svc",
+        }
+    )
+    assert settings.webhook_tls_secret == "llmroute-system/llmroute-webhook-certs"
+    assert settings.webhook_dns_names == ("llmroute-webhook", "llmroute-webhook.llmroute-system.svc")
+    assert settings.webhook_configuration == "llmroute"
+    for secret in ("llmroute-webhook-certs", "a/b/c", "/name"):
+        with pytest.raises(SettingsError, match="namespace/name"):
+            Settings.from_env({"LLMROUTE_WEBHOOK_TLS_SECRET": secret, "LLMROUTE_WEBHOOK_DNS_NAMES": "x"})
+    with pytest.raises(SettingsError, match="LLMROUTE_WEBHOOK_DNS_NAMES"):
+        Settings.from_env({"LLMROUTE_WEBHOOK_TLS_SECRET": "ns/name"})

@@ -90,8 +90,26 @@ runs standalone. Several replicas of a cluster-wide operator need peering so onl
 {{- end }}
 {{- end }}
 
+{{/* Who makes the webhook's certificates: operator, helm or certManager (certManager.enabled wins). */}}
+{{- define "llmroute.tlsMode" -}}
+{{- if .Values.certManager.enabled }}certManager{{ else }}{{ .Values.webhook.tls.mode }}{{ end }}
+{{- end }}
+
+{{/* The webhook's TLS Secret. Another name in operator mode: that one is Opaque (the chart creates it
+empty), and a Secret's type cannot change on the upgrade from the kubernetes.io/tls one of helm mode. */}}
 {{- define "llmroute.tlsSecret" -}}
+{{- if eq (include "llmroute.tlsMode" .) "operator" }}
+{{- printf "%s-webhook-certs" (include "llmroute.fullname" .) }}
+{{- else }}
 {{- printf "%s-webhook-tls" (include "llmroute.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The names of the webhook's serving certificate: its Service's. */}}
+{{- define "llmroute.webhookDnsNames" -}}
+{{- $service := include "llmroute.webhookService" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $service (printf "%s.%s" $service $ns) (printf "%s.%s.svc" $service $ns) (printf "%s.%s.svc.cluster.local" $service $ns) | join "," }}
 {{- end }}
 
 {{/* Restricted Pod Security Standard: what both Deployments run with. */}}

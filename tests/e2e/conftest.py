@@ -104,6 +104,8 @@ def release(cluster: Cluster) -> Release:
     webhook_port = free_port()
     values = [
         "--set", f"webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods",
+        # helm mode: the pair above (its certificate names 127.0.0.1); operator mode names the Service only.
+        "--set", "webhook.tls.mode=helm",
         # test_loop's fake providers listen on loopback: an admin adds the host to the operator's allowlist.
         "--set", "operator.providerHosts={127.0.0.1}",
     ]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from tests.crds.apiserver import load_crd, root_schema
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import APP_NAMESPACE, CRD, RELEASE, RELEASE_NAMESPACE, Component, Release, policy_manifest
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,12 @@ def test_the_crd_is_accepted_and_established(release: Release) -> None:
 
 def test_kubectl_explain_shows_the_crds_descriptions(release: Release) -> None:
     spec = root_schema()["properties"]["spec"]
-    explained = release.cluster.kubectl("explain", "llmroutepolicies.spec")
+    # Established comes before the server publishes the CRD's OpenAPI schema, which explain reads.
+    def explain() -> str | None:
+        out = release.cluster.kubectl("explain", "llmroutepolicies.spec", check=False)
+        return None if "couldn't find resource" in out else out
+
+    explained = wait_for("kubectl explain to find the CRD's schema", explain, timeout=30, interval=0.5)
     for name, field in spec["properties"].items():
         assert name in explained
         first_words = " ".join(field["description"].split()[:4])

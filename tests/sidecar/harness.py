@@ -215,3 +215,19 @@ async def cli_sidecar(
             process.kill()
             await process.wait()
         await asyncio.gather(*collectors)
+
+
+async def until_ready(url: str, process: asyncio.subprocess.Process | None = None, timeout: float = 20.0) -> None:
+    """Wait (bounded) for a sidecar at `url` to answer `/readyz` with 200; fail at once if `process` exits."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            assert process is None or process.returncode is None, "the sidecar exited"
+            try:
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "the sidecar did not become ready"
+            await asyncio.sleep(0.05)

@@ -47,6 +47,8 @@ from llmroute_sidecar.simulator.fakes import (
     Step,
 )
 
+from .harness import until_ready
+
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,20 +139,6 @@ async def cli_sidecar(document: dict[str, Any], tmp_path: Path, **env: str) -> A
                 await process.wait()
         log.close()
 
-
-async def until_ready(url: str, process: asyncio.subprocess.Process, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            assert process.returncode is None, "the sidecar exited"
-            try:
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "the sidecar did not become ready"
-            await asyncio.sleep(0.05)
 
 
 async def get_json(url: str, path: str) -> Any:

@@ -21,7 +21,7 @@ from llmroute_sidecar.metricsport import parse_listen
 from llmroute_sidecar.simulator.fakes import Fail
 from llmroute_sidecar.top import parse_metrics, total
 
-from .harness import policy_document, running_sidecar
+from .harness import policy_document, running_sidecar, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,19 +31,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
-
-async def _until_ready(session: aiohttp.ClientSession, url: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert loop.time() < deadline, "sidecar did not become ready"
-        await asyncio.sleep(0.05)
 
 
 async def test_the_metrics_listener_serves_metrics_and_never_the_proxy(fakes, tmp_path):
@@ -61,7 +48,7 @@ async def test_the_metrics_listener_serves_metrics_and_never_the_proxy(fakes, tm
     try:
         url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
         async with aiohttp.ClientSession() as session:
-            await _until_ready(session, url)
+            await until_ready(url)
             async with session.post(f"{url}/v1/routes/summarize", json={"variables": {"text": "a"}}) as r:
                 assert r.status == 200
             async with session.get(f"{metrics_url}/metrics") as r:
@@ -163,7 +150,7 @@ async def test_a_taken_metrics_port_is_logged_and_the_sidecar_serves_all_the_sam
         try:
             url = f"http://127.0.0.1:{port}"
             async with aiohttp.ClientSession() as session:
-                await _until_ready(session, url)
+                await until_ready(url)
                 async with session.post(f"{url}/v1/routes/summarize", json={"variables": {"text": "a"}}) as r:
                     assert r.status == 200
         finally:

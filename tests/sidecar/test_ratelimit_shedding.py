@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmroute_sidecar.ratelimits import fingerprint
 from llmroute_sidecar.simulator.fakes import Fail, FakeProvider, Reply, ratelimit_headers
 
-from .harness import policy_document, running_sidecar
+from .harness import policy_document, running_sidecar, until_ready
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,25 +93,12 @@ async def sidecar(fakes: tuple[FakeProvider, FakeProvider], tmp_path: Path) -> A
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await _until_ready(url)
+        await until_ready(url, timeout=30.0)
         yield url
     finally:
         process.terminate()
         await process.wait()
 
-
-async def _until_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "sidecar did not become ready"
-            await asyncio.sleep(0.05)
 
 
 async def ask(url: str, sdk: str, stream: bool = False) -> dict[str, str]:

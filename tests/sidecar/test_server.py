@@ -15,7 +15,7 @@ import yaml
 
 from llmroute_sidecar.simulator.fakes import Fail, Reply
 
-from .harness import policy_document, running_sidecar
+from .harness import policy_document, running_sidecar, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +144,7 @@ async def test_sigterm_drains_an_in_flight_request(fakes, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
-            await _until_ready(session, url)
+            await until_ready(url)
             pending = asyncio.ensure_future(
                 session.post(f"{url}/v1/routes/summarize", json={"variables": {"text": "a"}})
             )
@@ -175,7 +175,7 @@ async def test_a_client_dribbling_its_headers_is_cut_off_by_the_idle_timeout(fak
     try:
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
-            await _until_ready(session, url)
+            await until_ready(url)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/routes/summarize HTTP/1.1\r\nHost: x\r\n")
         started = asyncio.get_running_loop().time()
@@ -210,19 +210,6 @@ async def _until(condition, timeout: float = 5.0) -> None:
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
 
-
-async def _until_ready(session: aiohttp.ClientSession, url: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert loop.time() < deadline, "sidecar did not become ready"
-        await asyncio.sleep(0.05)
 
 
 def _free_port() -> int:

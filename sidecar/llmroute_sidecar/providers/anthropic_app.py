@@ -38,7 +38,7 @@ from ..messages import (
 from ..sse import json_frame
 from .anthropic import DIALECT, Json, is_text_block, tool_use_call
 from .base import AppCodec, AppStreamEncoder, StreamFrame
-from .shared import int_or_zero, number_or_none
+from .shared import int_or_zero, malformed_item, number_or_none
 
 _STOP_OUT: dict[StopReason, str] = {
     "end_turn": "end_turn",
@@ -168,12 +168,7 @@ def malformed(body: dict[str, Any]) -> str | None:
 def _malformed_blocks(content: object, where: str) -> str | None:
     if not isinstance(content, list):
         return f"{where}: must be a string or a list of content blocks"
-    for index, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            return f"{where}[{index}]: must be a content block (an object with a string `type`)"
-        if block["type"] == "text" and not isinstance(block.get("text"), str):
-            return f"{where}[{index}].text: must be a string"
-    return None
+    return malformed_item(content, where, "content block")
 
 
 def native_losses(body: dict[str, Any]) -> list[str]:

@@ -46,7 +46,7 @@ from ..sse import frame as sse_frame
 from ..sse import json_frame
 from .base import AppCodec, AppStreamEncoder, StreamFrame
 from .openai import DIALECT, Body, content_text, decode_tool_calls, encode_tool_call, new_id
-from .shared import int_or_zero, number_or_none, str_or_empty
+from .shared import int_or_zero, malformed_item, number_or_none, str_or_empty
 
 _DONE = b"data: [DONE]\n\n"
 _STOP_TO_FINISH: dict[str, str] = {
@@ -156,11 +156,8 @@ def malformed(messages: list[Any]) -> str | None:
             continue
         if not isinstance(content, list):
             return f"{where}.content: must be a string, null or a list of content parts"
-        for position, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                return f"{where}.content[{position}]: must be a content part (an object with a string `type`)"
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
-                return f"{where}.content[{position}].text: must be a string"
+        if (problem := malformed_item(content, f"{where}.content", "content part")) is not None:
+            return problem
     return None
 
 

@@ -36,6 +36,17 @@ def str_or_empty(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+def malformed_item(items: list[Any], where: str, noun: str) -> str | None:
+    """The first item of a message's content list that no API of the dialect could read: not an object
+    with a string `type` (`noun`: the dialect's name for an item), or a text item whose text is no string."""
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            return f"{where}[{index}]: must be a {noun} (an object with a string `type`)"
+        if item["type"] == "text" and not isinstance(item.get("text"), str):
+            return f"{where}[{index}].text: must be a string"
+    return None
+
+
 def generation_params(request: ChatRequest, *, max_tokens: str | None, top_p: str, stop: str) -> dict[str, Any]:
     """The generation settings `request` sets, under one wire format's names, in the order max tokens,
     temperature, top-p, stop sequences (`temperature` is spelt alike everywhere). `max_tokens=None` leaves
